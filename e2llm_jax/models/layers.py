@@ -1,0 +1,122 @@
+"""Building blocks shared by the towers: a LoRA-aware Dense, norms, activations, attention.
+
+Every kernel is created with logical axis names so the sharding rules in the config place it.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+LORA_COLLECTION = "lora"
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # HF "gelu" is the exact erf GELU; jax.nn.gelu defaults to the tanh approximation.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+class Dense(nn.Module):
+  """`x @ kernel (+ bias)`, plus `dropout(x) @ a @ b` when the `lora` collection holds this path.
+
+  The LoRA factors arrive already multiplied by their scale (see `lora.scaled`), so this module
+  needs no LoRA settings besides the dropout rate.
+  """
+  features: int
+  axes: tuple[str | None, str | None]
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  lora_dropout: float = 0.0
+  kernel_init: Callable = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    x = x.astype(self.dtype)
+    y = x @ kernel.astype(self.dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    if self.has_variable(LORA_COLLECTION, "a"):
+      a = self.get_variable(LORA_COLLECTION, "a").astype(self.dtype)
+      b = self.get_variable(LORA_COLLECTION, "b").astype(self.dtype)
+      lora_in = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic or self.lora_dropout == 0)
+      y = y + (lora_in @ a) @ b
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Llama RMSNorm, computed in float32 as HF does, cast back to the input dtype."""
+  eps: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with float32 statistics (BERT post-norm, pooling head)."""
+  eps: float = 1e-12
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    return y.astype(x.dtype)
+
+
+class Embed(nn.Module):
+  """Token (or position) embedding table with logical axes `(vocab, embed)`."""
+  num_embeddings: int
+  features: int
+  axes: tuple[str | None, str | None] = ("vocab", "embed")
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Logits against the table (tied output head)."""
+    return x @ self.embedding.astype(x.dtype).T
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention. q [B,T,N,H], k/v [B,S,K,H] (K divides N), mask bool [B,1|N,T,S].
+
+  `jax.nn.dot_product_attention` keeps logits and softmax in float32 and picks the backend's fused
+  kernel where one exists.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)
