@@ -1,0 +1,24 @@
+"""Hugging Face interop: HF folders and GGUF files into our towers, and the maps back to HF names.
+
+`load_encoder`, `load_decoder` and `load_tokenizer` are the stable entry points (DESIGN §4).
+"""
+
+from e2llm_jax.hf.import_weights import (
+    decoder_config_from_hf,
+    decoder_config_to_hf,
+    decoder_to_hf_state_dict,
+    encoder_config_from_hf,
+    encoder_config_to_hf,
+    encoder_to_hf_state_dict,
+    load_decoder,
+    load_encoder,
+    load_tokenizer,
+    to_hf_state_dict,
+)
+
+__all__ = [
+    "load_encoder", "load_decoder", "load_tokenizer",
+    "encoder_config_from_hf", "encoder_config_to_hf", "decoder_config_from_hf",
+    "decoder_config_to_hf", "to_hf_state_dict", "encoder_to_hf_state_dict",
+    "decoder_to_hf_state_dict",
+]
