@@ -40,14 +40,24 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
-  """A record read from TFDS (bytes, numpy arrays) or from memory, as str fields and a list."""
+def decode_record(record: Mapping[str, Any], require_answer: bool = True) -> dict[str, Any]:
+  """A record read from TFDS (bytes, numpy arrays) or from memory, as str fields and a list.
+
+  `context` is required, and `answer` (or a non-empty `answers`) unless `require_answer` is False;
+  `prompt`, `id` and `source` may be absent (empty).
+  """
+  if "context" not in record:
+    raise KeyError(f"record has no 'context' (fields: {sorted(record)})")
   decoded = {name: _text(record[name]) if name in record else "" for name in TEXT_FIELDS}
   answers = record.get("answers", None)
   if answers is None:
-    answers = [decoded["answer"]]
+    answers = [decoded["answer"]] if "answer" in record else []
   elif isinstance(answers, (str, bytes)):
     answers = [answers]
   decoded["answers"] = [_text(a) for a in (answers.tolist() if isinstance(answers, np.ndarray)
                                            else answers)]
+  if "answer" not in record and decoded["answers"]:
+    decoded["answer"] = decoded["answers"][0]
+  if require_answer and "answer" not in record and not decoded["answers"]:
+    raise KeyError(f"record has neither 'answer' nor 'answers' (fields: {sorted(record)})")
   return decoded
