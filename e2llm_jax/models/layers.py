@@ -72,7 +72,8 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+    # HF casts the normalised values back before the weight multiply; same in float32, closer in bf16.
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
 class LayerNorm(nn.Module):

@@ -198,11 +198,13 @@ class Decoder(nn.Module):
     x = self.norm(x)
     if return_hidden:
       return x, new_cache
-    if cfg.tie_word_embeddings:
-      logits = self.embed_tokens.attend(x.astype(jnp.float32))
-    else:
-      logits = self.lm_head(x, deterministic)
-    return logits.astype(jnp.float32), new_cache
+    return self.head(x, deterministic), new_cache
+
+  def head(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Float32 logits from final (normed) hidden states."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed_tokens.attend(hidden.astype(jnp.float32))
+    return self.lm_head(hidden, deterministic).astype(jnp.float32)
 
 
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
@@ -250,6 +252,13 @@ def decoder_forward(cfg: DecoderConfig, params: Any, *, input_ids=None, inputs_e
   out, _ = Decoder(cfg).apply(variables, inputs_embeds, positions, mask,
                               deterministic=deterministic, return_hidden=return_hidden, rngs=rngs)
   return out
+
+
+def logits_from_hidden(cfg: DecoderConfig, params: Any, hidden: jax.Array, lora=None,
+                       deterministic=True, rngs=None) -> jax.Array:
+  """Output head on selected hidden states (so a loss needs logits only where targets are)."""
+  variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+  return Decoder(cfg).apply(variables, hidden, deterministic, method=Decoder.head, rngs=rngs)
 
 
 def decoder_logits(cfg: DecoderConfig, params: Any, input_ids=None, inputs_embeds=None,

@@ -1,0 +1,100 @@
+"""Synthetic token-level passkey retrieval for tiny random towers (the shape of RULER niah_single_1).
+
+A marked value hides in one of N chunks of noise tokens; the answer is the value. Batches are a pure function of (seed, step).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from e2llm_jax.models.e2llm import TASK_IFT, TASK_RECON
+
+PAD, BOS, EOS, KEY_MARK, QUERY_MARK = 0, 1, 2, 3, 4
+DIGIT_BASE, NUM_DIGITS = 10, 10
+KEY_BASE, NUM_KEYS_MAX = 20, 16
+NOISE_BASE = 40
+HELD_OUT_SALT = 7_777_777  # a seed stream no training step draws from
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyTask:
+  """Examples in the model's batch layout, in token ids shared by both tiny towers.
+
+  `num_keys` > 1 gives the key→value variant: each of `num_keys` keys hides its own value in a
+  different chunk and the query names one key.
+  """
+  vocab_size: int
+  num_chunks: int = 8
+  chunk_tokens: int = 16
+  value_digits: int = 4
+  num_keys: int = 1
+  recon_fraction: float = 0.0
+  recon_window: int = 1
+
+  def __post_init__(self):
+    if self.vocab_size <= NOISE_BASE + 8:
+      raise ValueError(f"Passkey needs vocab_size > {NOISE_BASE + 8}, got {self.vocab_size}.")
+    if not 1 <= self.num_keys <= min(NUM_KEYS_MAX, self.num_chunks):
+      raise ValueError(f"num_keys must be in 1..{min(NUM_KEYS_MAX, self.num_chunks)}.")
+
+  @property
+  def target_tokens(self) -> int:
+    return max(self.value_digits, self.recon_window * self.chunk_tokens) + 1
+
+  def _example(self, rng: np.random.Generator, recon: bool) -> dict:
+    n, t = self.num_chunks, self.chunk_tokens
+    chunks = rng.integers(NOISE_BASE, self.vocab_size, size=(n, t))
+    keys = rng.choice(NUM_KEYS_MAX, size=self.num_keys, replace=False)
+    holders = rng.choice(n, size=self.num_keys, replace=False)
+    values = rng.integers(0, NUM_DIGITS, size=(self.num_keys, self.value_digits))
+    needle_len = self.value_digits + (2 if self.num_keys > 1 else 1)
+    for key, holder, value in zip(keys, holders, values):
+      start = rng.integers(0, t - needle_len + 1)
+      needle = [KEY_MARK] + ([KEY_BASE + key] if self.num_keys > 1 else []) + list(
+          DIGIT_BASE + value)
+      chunks[holder, start:start + needle_len] = needle
+    asked = rng.integers(self.num_keys)
+    chunk_mask = np.ones(n, np.int32)
+    query = [QUERY_MARK] + ([KEY_BASE + keys[asked]] if self.num_keys > 1 else [])
+    if recon:
+      first = rng.integers(0, n - self.recon_window + 1)
+      window = np.zeros(n, np.int32)
+      window[first:first + self.recon_window] = 1
+      chunk_mask = window
+      target = list(chunks[first:first + self.recon_window].reshape(-1))
+      query = [QUERY_MARK, QUERY_MARK]
+    else:
+      target = list(DIGIT_BASE + values[asked])
+    target = target + [EOS]
+    target_ids = np.zeros(self.target_tokens, np.int32)
+    target_ids[:len(target)] = target
+    target_mask = (np.arange(self.target_tokens) < len(target)).astype(np.int32)
+    query_ids = np.full(2, PAD, np.int32)
+    query_ids[:len(query)] = query
+    return {
+        "chunk_ids": chunks.astype(np.int32),
+        "chunk_token_mask": np.ones((n, t), np.int32),
+        "chunk_mask": chunk_mask,
+        "prefix_ids": np.array([BOS], np.int32),
+        "prefix_mask": np.ones(1, np.int32),
+        "query_ids": query_ids,
+        "query_mask": (np.arange(2) < len(query)).astype(np.int32),
+        "target_ids": target_ids,
+        "target_mask": target_mask,
+        "task": np.int32(TASK_RECON if recon else TASK_IFT),
+        "chunks_dropped": np.int32(0),
+    }
+
+  def global_batch(self, seed: int, step: int, batch_size: int, held_out: bool = False) -> dict:
+    """The whole batch of `step`; every process computes the same one and keeps its slice."""
+    rng = np.random.default_rng([seed, step, HELD_OUT_SALT if held_out else 0])
+    is_recon = rng.random(batch_size) < (0.0 if held_out else self.recon_fraction)
+    examples = [self._example(rng, bool(r)) for r in is_recon]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  def process_batch(self, seed: int, step: int, batch_size: int, process_index: int = 0,
+                    process_count: int = 1, held_out: bool = False) -> dict:
+    per_process = batch_size // process_count
+    batch = self.global_batch(seed, step, batch_size, held_out)
+    return {k: v[process_index * per_process:(process_index + 1) * per_process]
+            for k, v in batch.items()}

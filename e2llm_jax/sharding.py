@@ -1,0 +1,126 @@
+"""The device mesh and the logical-axis rules that place every parameter and batch on it.
+
+Rules come from the config as (logical axis, mesh axes) pairs; a dimension a mesh axis does not divide stays whole.
+"""
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
+  """A mesh over all (or the given) devices; one entry of `shape` may be -1."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != len(axes):
+    raise ValueError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(axes)} differ in length.")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh.shape {tuple(shape)} has more than one -1.")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"mesh.shape {tuple(shape)} does not divide {len(devices)} devices.")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices but "
+                     f"{len(devices)} are available; set --config.mesh.shape to match (one entry "
+                     f"may be -1).")
+  # Auto axes: XLA propagates shardings through gathers and reshapes inside the towers.
+  axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(tuple(shape), tuple(axes), axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), tuple(axes), axis_types=axis_types)
+
+
+def normalize_rules(rules) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """Config rules (lists from JSON, strings or None) as ((logical, (mesh axes...)), ...)."""
+  out = []
+  for logical, mesh_axes in rules:
+    if mesh_axes is None:
+      mesh_axes = ()
+    elif isinstance(mesh_axes, str):
+      mesh_axes = (mesh_axes,)
+    out.append((logical, tuple(mesh_axes)))
+  return tuple(out)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules) -> PartitionSpec:
+  """PartitionSpec for one array: each logical axis takes the mesh axes its rule names, if they
+  divide the dimension and are not used by an earlier dimension."""
+  rule_map = dict(normalize_rules(rules))
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(logical_axes, shape):
+    chosen = []
+    for axis in rule_map.get(name, ()) if name is not None else ():
+      if axis in used or axis not in mesh.shape:
+        continue
+      if size % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[axis]) == 0:
+        chosen.append(axis)
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  return PartitionSpec(*spec)
+
+
+def _is_boxed(x) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def shardings_for(tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a (possibly abstract) tree whose leaves may be `nn.Partitioned` boxes.
+
+  Unboxed leaves (LoRA factors, optimizer counters) are replicated.
+  """
+  def one(leaf):
+    if _is_boxed(leaf):
+      value = leaf.value
+      return NamedSharding(mesh, logical_to_spec(leaf.names, value.shape, mesh, rules))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, tree, is_leaf=_is_boxed)
+
+
+def shardings_following_params(tree: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree (an optimizer state) whose leaves mirror params at some key-path suffix.
+
+  A leaf whose path ends with a param's path takes that param's sharding; others are replicated.
+  """
+  by_path = {tuple(path): s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  def one(path, _):
+    for start in range(len(path)):
+      if tuple(path[start:]) in by_path:
+        return by_path[tuple(path[start:])]
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
+  """Sharding of an input array whose leading axis is the global batch."""
+  batch_axes = dict(normalize_rules(rules)).get("batch", ())
+  batch_axes = tuple(a for a in batch_axes if a in mesh.shape)
+  lead = batch_axes if len(batch_axes) != 1 else batch_axes[0]
+  return NamedSharding(mesh, PartitionSpec(lead or None, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying target shardings (restore targets, jit signatures)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
