@@ -1,4 +1,4 @@
-"""Checkpoints: an Orbax manager for train state, data state, config and metadata, restorable on any mesh.
+"""Checkpoints: Orbax manager for train state, data state, config and meta, restorable on any mesh.
 
 Frozen pretrained weights are not saved; `meta` holds their fingerprints and a restore checks them.
 """
@@ -97,6 +97,28 @@ def _require_target_shardings(abstract: Any, what: str) -> None:
                        "abstract tree as jax.ShapeDtypeStruct(shape, dtype, sharding=...).")
 
 
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey (namedtuples)
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{"opt_state.0.mu.w": shape}: leaf names as Orbax writes them, for abstract and saved trees."""
+  return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _layout_mismatches(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
+  problems = [f"{name} is missing from the checkpoint" for name in sorted(set(wanted) - set(saved))]
+  problems += [f"{name} is in the checkpoint but not in the current state"
+               for name in sorted(set(saved) - set(wanted))]
+  problems += [f"{name} is {saved[name]} on disk but {wanted[name]} now"
+               for name in sorted(set(saved) & set(wanted)) if saved[name] != wanted[name]]
+  return problems[:limit] + ([f"and {len(problems) - limit} more"] if len(problems) > limit else [])
+
+
 class Checkpointer:
   """`DIR` of step folders, each with the train state, data state, config and meta (+ frozen).
 
@@ -113,7 +135,10 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
-        item_names=ITEM_NAMES)
+        # Handlers up front, so a fresh manager (a resumed run) can read metadata before restoring.
+        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
+                       CONFIG: ocp.JsonCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
+                       FROZEN: ocp.StandardCheckpointHandler()})
 
   def should_save(self, step: int) -> bool:
     """Every `every_steps` steps, and when JAX reports a preemption notice."""
@@ -122,7 +147,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: Mapping[str, Any],
            config_json: Mapping[str, Any], meta: Mapping[str, Any], frozen: Any = None,
            force: bool = False) -> bool:
-    """Start saving `step` if due (or `force`); True if a save started. Returns before it is written.
+    """Start saving `step` if due (or `force`); True if a save started (it finishes in background).
 
     `frozen` is the base weights tree, passed only when they are random init (nothing on disk).
     """
@@ -155,6 +180,13 @@ class Checkpointer:
     `abstract_frozen` is given.
     """
     _require_target_shardings(abstract_state, "abstract_state")
+    # Compare names and shapes first: Orbax's own error for a changed tree is long and its
+    # cancelled reads print tracebacks at exit.
+    saved_state = self._manager.item_metadata(step)[STATE]
+    problems = _layout_mismatches(_leaf_shapes(getattr(saved_state, "tree", saved_state)),
+                                  _leaf_shapes(abstract_state))
+    if problems:
+      raise ValueError(self._mismatch_message(step, "; ".join(problems)))
     items = {STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore(),
              CONFIG: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}
     if abstract_frozen is not None:
@@ -166,12 +198,14 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except ValueError as error:
-      raise ValueError(
-          f"Checkpoint step {step} in {self.directory} does not fit the current train state "
-          "(were LoRA ranks or targets, pooling, adapter or optimizer settings changed?). Use the "
-          f"config of the run that wrote it, or start a new workdir. Orbax: {error}") from error
+      raise ValueError(self._mismatch_message(step, f"Orbax: {error}")) from error
     frozen = restored[FROZEN] if abstract_frozen is not None else None
     return restored[STATE], restored[DATA], restored[CONFIG], restored[META], frozen
+
+  def _mismatch_message(self, step: int, details: str) -> str:
+    return (f"Checkpoint step {step} in {self.directory} does not fit the current train state "
+            "(were LoRA ranks or targets, pooling, adapter or optimizer settings changed?): "
+            f"{details}. Use the config of the run that wrote it, or start a new workdir.")
 
   def wait(self) -> None:
     """Block until every started save is on disk (call before exit and before reading it)."""

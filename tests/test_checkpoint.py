@@ -108,6 +108,9 @@ def test_save_and_restore_under_set_mesh(tmp_path):
       ckpt.save(3, state, {}, {}, META)
       ckpt.wait()
       restored, *_, frozen = ckpt.restore(3, abstract(state, mesh))
+      assert not ckpt.has_frozen(3)
+      with pytest.raises(ValueError, match="holds no base weights"):
+        ckpt.restore(3, abstract(state, mesh), abstract_frozen=abstract(state["trainable"], mesh))
   assert_same_values(restored, state)
   assert frozen is None
 
@@ -161,7 +164,11 @@ def test_changed_state_layout_gives_clear_error(tmp_path):
     # A LoRA rank changed between runs: (8, 4) on disk, (8, 2) wanted.
     changed = jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=NamedSharding(mesh, P()))
     target["trainable"]["lora"]["a"] = changed
-    with pytest.raises(ValueError, match="does not fit the current train state"):
+    with pytest.raises(ValueError, match="does not fit the current train state") as error:
+      ckpt.restore(1, target)
+    assert "trainable.lora.a is (8, 4) on disk but (8, 2) now" in str(error.value)
+    del target["trainable"]["adapter"]["bias"]
+    with pytest.raises(ValueError, match="adapter.bias is in the checkpoint but not in the"):
       ckpt.restore(1, target)
 
 
@@ -217,3 +224,65 @@ def test_fingerprint_mismatch_names_tower_paths_and_fix(tmp_path):
   with pytest.raises(ValueError, match="random init"):
     checkpoint.check_fingerprints(random_init, saved)
   checkpoint.check_fingerprints(random_init, random_init)
+
+
+TWO_PROCESS_WORKER = r"""
+import sys
+import numpy as np
+from e2llm_jax import checkpoint, config_utils
+
+assert config_utils.maybe_initialize_distributed(config_utils.base_config())
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+directory, = sys.argv[1:]
+full = np.arange(64, dtype=np.float32).reshape(8, 8)
+
+def place(mesh, spec):
+  sharding = NamedSharding(mesh, spec)
+  return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index]), sharding
+
+save_mesh = jax.make_mesh((1, 4, 1), ("data", "fsdp", "tensor"))
+kernel, _ = place(save_mesh, P("fsdp", None))
+with checkpoint.Checkpointer(directory, every_steps=1, keep=1) as ckpt:
+  ckpt.save(1, {"trainable": {"kernel": kernel}}, {"position": 1}, {"c": 1}, {"m": 1})
+  ckpt.wait()
+  load_mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"))
+  target = {"trainable": {"kernel": jax.ShapeDtypeStruct(
+      full.shape, full.dtype, sharding=NamedSharding(load_mesh, P("data", "tensor")))}}
+  state, data, config, meta, _ = ckpt.restore(1, target)
+restored = state["trainable"]["kernel"]
+assert restored.sharding == target["trainable"]["kernel"].sharding
+for shard in restored.addressable_shards:
+  np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+assert (data, config, meta) == ({"position": 1}, {"c": 1}, {"m": 1})
+print("restored", jax.process_index(), jax.process_count(), len(restored.addressable_shards))
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_save_and_restore_on_another_mesh(tmp_path):
+  # Two JAX processes of 2 CPU devices each (gloo), started the way scripts/k8s_jobset.yaml does:
+  # JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID.
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  root = pathlib.Path(__file__).resolve().parents[1]
+  workers = []
+  for process_id in range(2):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(process_id)}
+    workers.append(subprocess.Popen(
+        [sys.executable, "-c", TWO_PROCESS_WORKER, str(tmp_path / "ckpt")], cwd=root, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outputs = [worker.communicate(timeout=120) for worker in workers]
+  for worker, (out, err) in zip(workers, outputs):
+    assert worker.returncode == 0, err[-3000:]
+  # Last line: gloo prints its own connection lines to stdout first.
+  last_lines = sorted(out.strip().splitlines()[-1] for out, _ in outputs)
+  assert last_lines == ["restored 0 2 2", "restored 1 2 2"]
