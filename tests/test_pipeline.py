@@ -151,3 +151,24 @@ def test_make_pipeline_from_config_reads_a_built_tfds_dataset(tmp_path):
   config.data.data_dir = None
   with pytest.raises(ValueError, match="data_dir"):
     pipeline.make_pipeline(config, encoder, decoder, process_index=0, process_count=1)
+
+
+def test_ruler_task_names_generate_sources_in_memory():
+  encoder, decoder = tokenizers()
+  config = ml_collections.ConfigDict({
+      "seed": 0, "train": {"batch_size": 2},
+      "data": {**SIZES, "max_chunks": 8, "prefix_tokens": 48, "query_tokens": 48,
+               "tasks": {"niah_single_1": 1.0}, "ruler_samples": 4, "data_dir": None}})
+  built = pipeline.make_pipeline(config, encoder, decoder, process_index=0, process_count=1)
+  source = built.sources["niah_single_1"]
+  assert len(source) == 4
+  record = source[0]
+  # RULER's preamble became the template's text before the soft tokens; the question comes after.
+  template = tasks.resolve_template(built.templates["niah_single_1"])
+  preamble = tasks.split_template(template, "")[0]
+  assert "hidden within the following text" in preamble and preamble not in record["context"]
+  assert record["answer"] in record["context"] and "What is the special magic" in record["prompt"]
+  batch = next(built)
+  prefix = decoder.decode(batch["prefix_ids"][0], skip_special_tokens=True)
+  assert "hidden within the following text" in prefix
+  assert batch["chunks_dropped"].sum() == 0 and batch["prompt_tokens_dropped"].sum() == 0

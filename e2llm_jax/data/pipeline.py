@@ -15,8 +15,9 @@ after checking that the sharding puts exactly those rows on this process's devic
 Tasks. A task name in `data.tasks` is a source of normalised records (`{context, prompt, answer, ...}`,
 see `data.builders`) and gives instruction examples; the name `recon` gives reconstruction examples from
 the contexts of the other sources (or of `recon_sources`). Sources are random-access: a TFDS
-array_record dataset (`tfds_source`), an `InMemorySource` over a list of dicts, or any sequence of
-records. Work runs in Grain (`MapDataset` over example indices, thread prefetch, batching).
+array_record dataset (`tfds_source`), an `InMemorySource` over a list of dicts, RULER samples generated
+in memory (`ruler_source`), or any sequence of records (`make_pipeline` says which it picks). Work runs
+in Grain (`MapDataset` over example indices, thread prefetch, batching).
 
 Batch (numpy, leading dim = local batch size): every array of `tasks.example_shapes` plus `source_id`
 (index into `Pipeline.task_names`).
@@ -35,6 +36,8 @@ from e2llm_jax.data import builders, tasks
 RECON = "recon"
 INSTRUCTION_TEMPLATE = "qa"
 RECON_TEMPLATE = "recon"
+RULER_FIT_SAMPLES = 8  # samples whose chunk counts size a RULER task's length
+RULER_FIT_MARGIN = 0.95  # shrink a little more than the measured overflow, so the next try fits
 # Example indices far beyond any run's length; Grain needs a finite dataset size.
 MAX_EXAMPLES = 2**62
 
@@ -66,6 +69,54 @@ def tfds_source(name: str, data_dir: str, split: str = "train") -> Any:
         f"TFDS dataset {name!r} (split {split!r}) could not be opened under data_dir={data_dir!r} "
         f"({type(error).__name__}: {error}); build it first (see e2llm_jax/data/builders/) or "
         "pass the source in memory.") from error
+
+
+def ruler_source(task: str, *, max_seq_length: int, num_samples: int, seed: int, tokenizer: Any
+                 ) -> tuple[InMemorySource, str]:
+  """RULER samples of `task` (training question pool) as records, and the template that lays them out.
+
+  RULER's `input` is preamble ‖ context ‖ question; the record's context is the middle part (what the
+  encoder compresses) and its prompt is the question plus RULER's answer prefix. When every sample has the
+  same preamble it becomes the template's text before `{context}`; otherwise (vt: a per-sample example)
+  it joins the context. The answer is RULER's outputs joined by ", " (every one must appear).
+  """
+  from e2llm_jax.data import ruler  # pylint: disable=g-import-not-at-top
+  samples = ruler.generate(task, max_seq_length, num_samples, seed, tokenizer, question_pool="train")
+  preambles = {sample["input"][:sample["context_start"]] for sample in samples}
+  shared_preamble = len(preambles) == 1
+  records = []
+  for sample in samples:
+    text, start, end = sample["input"], sample["context_start"], sample["context_end"]
+    outputs = [str(output) for output in sample["outputs"]]
+    records.append(builders.normalized_record(
+        id=f"{task}:{sample['index']}", context=text[start if shared_preamble else 0:end],
+        prompt=text[end:] + sample["answer_prefix"], answer=", ".join(outputs), answers=outputs,
+        source=f"ruler/{task}"))
+  preamble = next(iter(preambles)) if shared_preamble else ""
+  template = preamble.replace("{", "{{").replace("}", "}}") + "{context}{question}"
+  return InMemorySource(records), template
+
+
+def fit_ruler_length(task: str, chunker: Any, max_chunks: int, tokenizer: Any, seed: int,
+                     tries: int = 8) -> int:
+  """A RULER max_seq_length whose contexts fill at most `max_chunks` chunks of `chunker`.
+
+  RULER sizes whole prompts in decoder tokens (answer to generate included), while the context fills
+  encoder chunks that end at sentence ends, so the length is measured: start from the encoder's capacity
+  plus the answer budget and shrink by the overflow seen on a few samples.
+  """
+  from e2llm_jax.data import ruler  # pylint: disable=g-import-not-at-top
+  answer_budget = ruler.TOKENS_TO_GENERATE[task]
+  length = max_chunks * chunker.chunk_tokens + answer_budget
+  for _ in range(tries):
+    source, _ = ruler_source(task, max_seq_length=length, num_samples=RULER_FIT_SAMPLES, seed=seed,
+                             tokenizer=tokenizer)
+    used = max(len(chunker(record["context"])) for record in source.records)
+    if used <= max_chunks:
+      return length
+    length = answer_budget + int((length - answer_budget) * max_chunks / used * RULER_FIT_MARGIN)
+  raise ValueError(f"no RULER length fits task {task!r} into data.max_chunks={max_chunks}; set "
+                   "data.ruler_max_seq_length.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,15 +293,23 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any, *,
   return arrays
 
 
+def _is_ruler_task(name: str) -> bool:
+  from e2llm_jax.data import ruler  # pylint: disable=g-import-not-at-top
+  return name in ruler.TASKS
+
+
 def make_pipeline(config: Any, encoder_tokenizer: Any, decoder_tokenizer: Any, *,
                   sources: Mapping[str, Sequence[Any]] | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   start_step: int = 0) -> Pipeline:
   """The pipeline a training config asks for (`config.seed`, `config.train.batch_size`, `config.data`).
 
-  Sources: those passed in `sources` (by task name), else the TFDS dataset of that name under
-  `data.data_dir` (a name may map to another TFDS name through `data.tfds_names`, e.g.
-  `{"mydata": "jsonl/mydata"}`).
+  Each task name of `data.tasks` (other than `recon`) finds its source, in this order: `sources[name]`;
+  the TFDS dataset `data.tfds_names.get(name, name)` built under `data.data_dir`; for a RULER task name
+  (`ruler.TASKS`, e.g. `niah_single_2`, `qa_1`), `data.ruler_samples` samples generated in memory at
+  `data.ruler_max_seq_length` decoder tokens (default: `fit_ruler_length`, the longest whose contexts fill
+  at most max_chunks chunks) by `ruler_source`. Optional `data` keys: `templates` (task → template name or literal), `recon_sources`,
+  `chunk_overlap`, `overlong_policy`, `chat_template`, `system_prompt`, `num_threads`.
   """
   data = config.data
   get = lambda name, default: data[name] if name in data and data[name] is not None else default  # pylint: disable=unnecessary-lambda-assignment
@@ -262,17 +321,35 @@ def make_pipeline(config: Any, encoder_tokenizer: Any, decoder_tokenizer: Any, *
   weights = dict(data.tasks)
   recon_sources = list(get("recon_sources", []))
   tfds_names = dict(get("tfds_names", {}))
+  templates = dict(get("templates", {}))
   resolved = dict(sources or {})
   for name in [n for n in list(weights) + recon_sources if n != RECON and n not in resolved]:
     data_dir = get("data_dir", None)
-    if data_dir is None:
-      raise ValueError(f"data.tasks names {name!r}, which is neither passed in memory nor findable: "
-                       "set data.data_dir to the folder its TFDS dataset was built in.")
-    resolved[name] = tfds_source(tfds_names.get(name, name), data_dir)
+    tfds_error = None
+    if data_dir is not None:
+      try:
+        resolved[name] = tfds_source(tfds_names.get(name, name), data_dir)
+        continue
+      except FileNotFoundError as error:
+        tfds_error = error
+    if _is_ruler_task(name):
+      max_seq_length = get("ruler_max_seq_length", None)
+      if max_seq_length is None:
+        max_seq_length = fit_ruler_length(name, example_encoder.chunker, data.max_chunks,
+                                          decoder_tokenizer, int(config.seed))
+      resolved[name], ruler_template = ruler_source(
+          name, max_seq_length=max_seq_length, num_samples=int(get("ruler_samples", 256)),
+          seed=int(config.seed), tokenizer=decoder_tokenizer)
+      templates.setdefault(name, ruler_template)
+      continue
+    if tfds_error is not None:
+      raise tfds_error
+    raise ValueError(f"data.tasks names {name!r}, which is neither passed in memory, nor a RULER task, "
+                     "nor findable: set data.data_dir to the folder its TFDS dataset was built in.")
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
   return Pipeline(resolved, weights, example_encoder, global_batch_size=int(config.train.batch_size),
                   seed=int(config.seed), process_index=process_index, process_count=process_count,
-                  templates=dict(get("templates", {})), recon_sources=recon_sources or None,
+                  templates=templates, recon_sources=recon_sources or None,
                   num_threads=int(get("num_threads", 0)), start_step=start_step)
