@@ -253,7 +253,13 @@ class Pipeline:
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Resume at `state["step"]` (from `get_state`)."""
     self._step = int(state["step"])
-    self._iterator = None  # dropped with its prefetched batches; rebuilt on the next call
+    self.close()  # its prefetched batches belong to the old position; rebuilt on the next call
+
+  def close(self) -> None:
+    """Stops the prefetch threads (iteration may continue: it restarts at the current step)."""
+    if self._iterator is not None and hasattr(self._iterator, "close"):
+      self._iterator.close()
+    self._iterator = None
 
   def next_global_batch(self, sharding: Any) -> dict[str, Any]:
     """The next batch as global jax.Arrays (every process calls this at the same step)."""
