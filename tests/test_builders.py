@@ -6,6 +6,7 @@ Each dataset is built into a temporary folder (array_record) and read back with 
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -51,7 +52,7 @@ def test_jsonl_detects_each_files_layout_and_normalises(tmp_path):
   by_id = {r["id"]: r for r in read_all("jsonl/mixed", tmp_path / "tfds")}
   assert sorted(by_id) == ["plain:1", "s-1", "v1-a", "v1-b", "v2-a"]
   assert by_id["v1-a"] == {"id": "v1-a", "context": "Long text.", "prompt": "What?", "answer": "one",
-                           "answers": ["one", "uno"], "source": "lb1"}
+                           "answers": ["one", "uno"], "source": "lb1", "preamble": ""}
   assert by_id["v2-a"]["answer"] == "C" and by_id["v2-a"]["answers"] == ["C"]
   assert by_id["v2-a"]["prompt"] == "Question: Who?\nChoices:\n(A) Ann\n(B) Bob\n(C) Cy\n(D) Di"
   assert (by_id["s-1"]["context"], by_id["s-1"]["prompt"], by_id["s-1"]["answer"]) == (
@@ -121,3 +122,23 @@ def test_long_qa_excludes_ruler_eval_questions(tmp_path):
   assert read_all("long_qa/tiny", tmp_path / "again") == read_all("long_qa/tiny", tmp_path)
   with pytest.raises(ValueError, match="another name"):
     long_qa.build(tmp_path, name="tiny", context_words=500, max_questions=40)
+
+
+def test_decode_record_reads_the_normalised_and_ruler_layouts():
+  stored = {"id": b"a", "context": b"C", "prompt": b"P", "answer": b"A",
+            "answers": np.array([b"A", b"B"], dtype=object), "source": b"s"}
+  assert builders.decode_record(stored) == {"id": "a", "context": "C", "prompt": "P", "answer": "A",
+                                            "answers": ["A", "B"], "source": "s", "preamble": ""}
+  assert builders.decode_record({"context": "C", "answers": ["x"]})["answer"] == "x"
+  with pytest.raises(KeyError, match="answer"):
+    builders.decode_record({"context": "C"})
+  assert builders.decode_record({"context": "C"}, require_answer=False)["answers"] == []
+  # RULER's layout (ruler.generate, ruler_synthetic): instruction ‖ haystack ‖ question.
+  ruler_record = {"index": np.int32(7), "task": b"niah_multivalue", "input": b"Read this.\nHAY\nWhat?",
+                  "outputs": np.array([b"1", b"2"], dtype=object), "answer_prefix": b" Answer:",
+                  "context_start": np.int32(11), "context_end": np.int32(14)}
+  assert builders.decode_record(ruler_record) == {
+      "id": "niah_multivalue:7", "context": "HAY", "prompt": "\nWhat? Answer:", "answer": "1, 2",
+      "answers": ["1", "2"], "source": "niah_multivalue", "preamble": "Read this.\n"}
+  # For RULER's qa tasks the outputs are alternatives: the target is the first one.
+  assert builders.decode_record({**ruler_record, "task": b"qa_1"})["answer"] == "1"

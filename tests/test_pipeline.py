@@ -14,7 +14,7 @@ import transformers
 from jax.sharding import NamedSharding, PartitionSpec
 
 from e2llm_jax import assets
-from e2llm_jax.data import pipeline, tasks
+from e2llm_jax.data import builders, pipeline, tasks
 
 SIZES = dict(chunk_tokens=16, max_chunks=4, prefix_tokens=24, query_tokens=24, target_tokens=24,
              recon_window=2)
@@ -163,8 +163,9 @@ def test_ruler_task_names_generate_sources_in_memory():
   source = built.sources["niah_single_1"]
   assert len(source) == 4
   record = source[0]
-  # RULER's preamble became the template's text before the soft tokens; the question comes after.
-  template = tasks.resolve_template(built.templates["niah_single_1"])
+  # RULER's preamble becomes the text before the soft tokens; the question comes after them.
+  record = builders.decode_record(record)
+  template = tasks.resolve_template(built.template_for("niah_single_1", record))
   preamble = tasks.split_template(template, "")[0]
   assert "hidden within the following text" in preamble and preamble not in record["context"]
   assert record["answer"] in record["context"] and "What is the special magic" in record["prompt"]

@@ -15,8 +15,10 @@ after checking that the sharding puts exactly those rows on this process's devic
 Tasks. A task name in `data.tasks` is a source of normalised records (`{context, prompt, answer, ...}`,
 see `data.builders`) and gives instruction examples; the name `recon` gives reconstruction examples from
 the contexts of the other sources (or of `recon_sources`). Sources are random-access: a TFDS
-array_record dataset (`tfds_source`), an `InMemorySource` over a list of dicts, RULER samples generated
-in memory (`ruler_source`), or any sequence of records (`make_pipeline` says which it picks). Work runs
+array_record dataset (`tfds_source`: `long_qa`, `jsonl/<name>`, `ruler_synthetic/<config>`), an
+`InMemorySource` over a list of dicts, RULER samples generated in memory (`ruler_source`), or any sequence
+of records (`make_pipeline` says which it picks). Records are in the normalised layout or RULER's (whose
+instruction before the haystack becomes the text before the soft tokens, see `Pipeline.template_for`). Work runs
 in Grain (`MapDataset` over example indices, thread prefetch, batching).
 
 Batch (numpy, leading dim = local batch size): every array of `tasks.example_shapes` plus `source_id`
@@ -43,12 +45,12 @@ MAX_EXAMPLES = 2**62
 
 
 class InMemorySource:
-  """A random-access source over records held in memory (dicts with at least `context`)."""
+  """A random-access source over records held in memory (normalised or RULER layout, see builders)."""
 
   def __init__(self, records: Sequence[Mapping[str, Any]]):
     self.records = list(records)
     for index, record in enumerate(self.records):
-      if "context" not in record:
+      if "context" not in record and not all(f in record for f in builders.RULER_FIELDS):
         raise ValueError(f"in-memory record {index} has no 'context' field (fields: "
                          f"{sorted(record)}); records need context, prompt and answer.")
 
@@ -72,29 +74,12 @@ def tfds_source(name: str, data_dir: str, split: str = "train") -> Any:
 
 
 def ruler_source(task: str, *, max_seq_length: int, num_samples: int, seed: int, tokenizer: Any
-                 ) -> tuple[InMemorySource, str]:
-  """RULER samples of `task` (training question pool) as records, and the template that lays them out.
-
-  RULER's `input` is preamble ‖ context ‖ question; the record's context is the middle part (what the
-  encoder compresses) and its prompt is the question plus RULER's answer prefix. When every sample has the
-  same preamble it becomes the template's text before `{context}`; otherwise (vt: a per-sample example)
-  it joins the context. The answer is RULER's outputs joined by ", " (every one must appear).
-  """
+                 ) -> InMemorySource:
+  """RULER samples of `task` (training question pool), kept in RULER's layout (`builders.decode_record`
+  reads it: the haystack is the context, the instruction before it the preamble)."""
   from e2llm_jax.data import ruler  # pylint: disable=g-import-not-at-top
   samples = ruler.generate(task, max_seq_length, num_samples, seed, tokenizer, question_pool="train")
-  preambles = {sample["input"][:sample["context_start"]] for sample in samples}
-  shared_preamble = len(preambles) == 1
-  records = []
-  for sample in samples:
-    text, start, end = sample["input"], sample["context_start"], sample["context_end"]
-    outputs = [str(output) for output in sample["outputs"]]
-    records.append(builders.normalized_record(
-        id=f"{task}:{sample['index']}", context=text[start if shared_preamble else 0:end],
-        prompt=text[end:] + sample["answer_prefix"], answer=", ".join(outputs), answers=outputs,
-        source=f"ruler/{task}"))
-  preamble = next(iter(preambles)) if shared_preamble else ""
-  template = preamble.replace("{", "{{").replace("}", "}}") + "{context}{question}"
-  return InMemorySource(records), template
+  return InMemorySource([{**sample, "task": task} for sample in samples])
 
 
 def fit_ruler_length(task: str, chunker: Any, max_chunks: int, tokenizer: Any, seed: int,
@@ -109,9 +94,9 @@ def fit_ruler_length(task: str, chunker: Any, max_chunks: int, tokenizer: Any, s
   answer_budget = ruler.TOKENS_TO_GENERATE[task]
   length = max_chunks * chunker.chunk_tokens + answer_budget
   for _ in range(tries):
-    source, _ = ruler_source(task, max_seq_length=length, num_samples=RULER_FIT_SAMPLES, seed=seed,
-                             tokenizer=tokenizer)
-    used = max(len(chunker(record["context"])) for record in source.records)
+    source = ruler_source(task, max_seq_length=length, num_samples=RULER_FIT_SAMPLES, seed=seed,
+                          tokenizer=tokenizer)
+    used = max(len(chunker(builders.decode_record(record)["context"])) for record in source.records)
     if used <= max_chunks:
       return length
     length = answer_budget + int((length - answer_budget) * max_chunks / used * RULER_FIT_MARGIN)
@@ -204,13 +189,22 @@ class Pipeline:
                                               self.templates.get(RECON, RECON_TEMPLATE))
       else:
         example = self.encoder.instruction(record["context"], record["prompt"], record["answer"],
-                                           self.templates.get(choice.task, INSTRUCTION_TEMPLATE))
+                                           self.template_for(choice.task, record))
     except Exception as error:
       raise RuntimeError(f"building the {choice.task} example of step {step}, slot {slot} from "
                          f"record {choice.record_index} of source {choice.source!r} failed: "
                          f"{type(error).__name__}: {error}") from error
     example["source_id"] = np.int32(self.task_names.index(choice.task))
     return example
+
+  def template_for(self, task: str, record: Mapping[str, Any]) -> str | tasks.PromptTemplate:
+    """`data.templates[task]`, else the record's own preamble before the context (RULER), else `qa`."""
+    if task in self.templates:
+      return self.templates[task]
+    if record["preamble"]:
+      return tasks.PromptTemplate(record["preamble"].replace("{", "{{").replace("}", "}}")
+                                  + "{context}{question}")
+    return INSTRUCTION_TEMPLATE
 
   def local_slots(self) -> range:
     """This process's slots (rows) of every global batch."""
@@ -313,9 +307,10 @@ def make_pipeline(config: Any, encoder_tokenizer: Any, decoder_tokenizer: Any, *
   Each task name of `data.tasks` (other than `recon`) finds its source, in this order: `sources[name]`;
   the TFDS dataset `data.tfds_names.get(name, name)` built under `data.data_dir`; for a RULER task name
   (`ruler.TASKS`, e.g. `niah_single_2`, `qa_1`), `data.ruler_samples` samples generated in memory at
-  `data.ruler_max_seq_length` decoder tokens (default: `fit_ruler_length`, the longest whose contexts fill
-  at most max_chunks chunks) by `ruler_source`. Optional `data` keys: `templates` (task → template name or literal), `recon_sources`,
-  `chunk_overlap`, `overlong_policy`, `chat_template`, `system_prompt`, `num_threads`.
+  `data.ruler_max_seq_length` decoder tokens (default: `fit_ruler_length`, the longest whose contexts
+  fill at most max_chunks chunks) by `ruler_source`. Optional `data` keys: `templates` (task → template
+  name or literal), `recon_sources`, `chunk_overlap`, `overlong_policy`, `chat_template`,
+  `system_prompt`, `num_threads`.
   """
   data = config.data
   get = lambda name, default: data[name] if name in data and data[name] is not None else default  # pylint: disable=unnecessary-lambda-assignment
@@ -343,10 +338,9 @@ def make_pipeline(config: Any, encoder_tokenizer: Any, decoder_tokenizer: Any, *
       if max_seq_length is None:
         max_seq_length = fit_ruler_length(name, example_encoder.chunker, data.max_chunks,
                                           decoder_tokenizer, int(config.seed))
-      resolved[name], ruler_template = ruler_source(
-          name, max_seq_length=max_seq_length, num_samples=int(get("ruler_samples", 256)),
+      resolved[name] = ruler_source(
+          name, max_seq_length=int(max_seq_length), num_samples=int(get("ruler_samples", 256)),
           seed=int(config.seed), tokenizer=decoder_tokenizer)
-      templates.setdefault(name, ruler_template)
       continue
     if tfds_error is not None:
       raise tfds_error

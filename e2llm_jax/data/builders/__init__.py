@@ -1,6 +1,7 @@
-"""TFDS builders (array_record, no TensorFlow) and the normalised record every builder writes.
+"""TFDS builders (array_record, no TensorFlow) and the record layouts the pipeline reads.
 
-Every builder yields `{id, context, prompt, answer, answers, source}` so the pipeline can mix them.
+`long_qa` and `jsonl` write the normalised `{id, context, prompt, answer, answers, source}`;
+`ruler_synthetic` keeps RULER's own layout; `decode_record` reads both, so the pipeline can mix them.
 
 TFDS without TensorFlow (see ENVIRONMENT.md §2): build with `file_format="array_record"` and read with
 `tfds.data_source` / `builder.as_data_source` (random access); `tfds.load` and `as_dataset` need
@@ -43,21 +44,46 @@ def _text(value: Any) -> str:
 def decode_record(record: Mapping[str, Any], require_answer: bool = True) -> dict[str, Any]:
   """A record read from TFDS (bytes, numpy arrays) or from memory, as str fields and a list.
 
-  `context` is required, and `answer` (or a non-empty `answers`) unless `require_answer` is False;
-  `prompt`, `id` and `source` may be absent (empty).
+  Two layouts are read: the normalised one (`context` required, and `answer` or a non-empty `answers`
+  unless `require_answer` is False; `prompt`, `id` and `source` may be absent), and RULER's
+  (`input, outputs, answer_prefix, context_start, context_end`, as `ruler.generate` and the
+  `ruler_synthetic` builder write it). The result always has the normalised fields plus `preamble`: the
+  text the decoder reads before the context that the record itself carries (RULER's instruction before
+  its haystack; "" for the normalised layout, whose prompt template supplies it).
   """
+  if all(name in record for name in RULER_FIELDS):
+    return _decode_ruler(record)
   if "context" not in record:
     raise KeyError(f"record has no 'context' (fields: {sorted(record)})")
   decoded = {name: _text(record[name]) if name in record else "" for name in TEXT_FIELDS}
-  answers = record.get("answers", None)
-  if answers is None:
-    answers = [decoded["answer"]] if "answer" in record else []
-  elif isinstance(answers, (str, bytes)):
-    answers = [answers]
-  decoded["answers"] = [_text(a) for a in (answers.tolist() if isinstance(answers, np.ndarray)
-                                           else answers)]
+  decoded["answers"] = _texts(record.get("answers", [record["answer"]] if "answer" in record else []))
   if "answer" not in record and decoded["answers"]:
     decoded["answer"] = decoded["answers"][0]
   if require_answer and "answer" not in record and not decoded["answers"]:
     raise KeyError(f"record has neither 'answer' nor 'answers' (fields: {sorted(record)})")
+  decoded["preamble"] = ""
   return decoded
+
+
+RULER_FIELDS = ("input", "outputs", "answer_prefix", "context_start", "context_end")
+RULER_ANY_OUTPUT_TASK_PREFIX = "qa"  # qa_1, qa_2
+
+
+def _texts(values: Any) -> list[str]:
+  if isinstance(values, (str, bytes)):
+    values = [values]
+  return [_text(v) for v in (values.tolist() if isinstance(values, np.ndarray) else values)]
+
+
+def _decode_ruler(record: Mapping[str, Any]) -> dict[str, Any]:
+  """RULER's `input` is preamble ‖ context ‖ question; the model then reads `answer_prefix`."""
+  text = _text(record["input"])
+  start, end = int(record["context_start"]), int(record["context_end"])
+  outputs = _texts(record["outputs"])
+  task = _text(record.get("task", "ruler"))
+  # RULER scores its qa tasks by any one output (string_match_part: outputs are alternative answers)
+  # and every other task by all of them (string_match_all), so the target is one or all of them.
+  answer = outputs[0] if task.startswith(RULER_ANY_OUTPUT_TASK_PREFIX) else ", ".join(outputs)
+  return {"id": f"{task}:{int(record.get('index', 0))}", "context": text[start:end],
+          "prompt": text[end:] + _text(record["answer_prefix"]), "answer": answer,
+          "answers": outputs, "source": task, "preamble": text[:start]}
