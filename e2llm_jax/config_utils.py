@@ -121,7 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.recon_warmup_steps = 0  # first steps train reconstruction only; 0 = off
 
   c.data = ml_collections.ConfigDict()
-  c.data.tasks = ml_collections.ConfigDict({"passkey": 1.0})  # task name → sampling weight
+  # Task name → sampling weight. `recon` is reconstruction of the other tasks' contexts; `passkey`
+  # is the synthetic token-level task for random-init towers; other names are RULER tasks or
+  # datasets under data_dir (e2llm_jax.data.pipeline).
+  c.data.tasks = ml_collections.ConfigDict({"passkey": 1.0})
   c.data.chunk_tokens = 128  # encoder tokens per chunk (cut at a sentence end at or before)
   c.data.max_chunks = 32
   c.data.chunk_overlap = 0  # tokens shared by neighbouring chunks
@@ -132,8 +135,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.overlong_policy = "head_tail"  # more than max_chunks: head_tail | head | tail | error
   c.data.skip_bad_lines = False  # malformed JSONL lines: False = stop with the line number
   c.data.data_dir = config_dict.placeholder(str)  # TFDS / JSONL root; None = generate offline
+  c.data.recon_sources = ()  # tasks whose contexts feed `recon` examples; () = all other tasks
+  c.data.templates = ml_collections.ConfigDict()  # task → prompt template name or literal text
+  c.data.tfds_names = ml_collections.ConfigDict()  # task → TFDS name under data_dir (default: task)
+  c.data.chat_template = config_dict.placeholder(bool)  # None = the decoder tokenizer's, if any
+  c.data.system_prompt = config_dict.placeholder(str)
+  c.data.num_threads = 0  # Grain prefetch threads; 0 = Grain's default
+  c.data.ruler_samples = 256  # examples generated per RULER task
+  c.data.ruler_max_seq_length = config_dict.placeholder(int)  # None = longest fitting max_chunks
   c.data.passkey = ml_collections.ConfigDict()  # synthetic token-level task (data.passkey)
   c.data.passkey.value_digits = 4  # length of the hidden value
+  c.data.passkey.value_vocab = 10  # symbols a value digit draws from
   c.data.passkey.num_keys = 1  # > 1: key→value variant, the query names one key
 
   c.mesh = ml_collections.ConfigDict()
@@ -332,6 +344,10 @@ def parse_flags(argv: Sequence[str], flag: str = "config") -> list[str]:
                 "overrides can only change existing ones")
     print(message, file=sys.stderr)
     sys.exit(2)
+  # app.run raises an unset verbosity to INFO, which floods the console with Orbax's per-file
+  # save logs; setting it here keeps warnings only (`--verbosity=0` brings INFO back).
+  if flags.FLAGS["verbosity"].using_default_value:
+    flags.FLAGS.verbosity = -1
   try:
     validate(flags.FLAGS[flag].value)
   except ValueError as error:
@@ -392,10 +408,11 @@ def paper_recipe(arg: str | None) -> ml_collections.ConfigDict:
   c.loss.recon_weight = 0.1  # "very small" reconstruction weight (reported); value chosen
   c.loss.ift_weight = 1.0
 
-  # QMSum, GovReport, QuALITY, NarrativeQA, TriviaQA (known) as LongBench/SCROLLS-layout JSONL
-  # files under data.data_dir; equal weights (chosen).
+  # QMSum, GovReport, QuALITY, NarrativeQA, TriviaQA (known), built as TFDS datasets of those
+  # names under data.data_dir (e2llm_jax.data.builders.jsonl); `recon` restates their contexts.
+  # Equal weights (chosen).
   c.data.tasks = {"qmsum": 1.0, "gov_report": 1.0, "quality": 1.0, "narrativeqa": 1.0,
-                  "triviaqa": 1.0}
+                  "triviaqa": 1.0, "recon": 1.0}
   c.data.chunk_tokens = 128  # ~512 characters / ~100 tokens per chunk (reported)
   c.data.recon_window = 4
   c.data.prefix_tokens = 64
