@@ -1,7 +1,9 @@
 """Evaluation CLI: `python eval.py --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
 
-Same flags as train.py; evaluates the newest checkpoint in DIR and writes its reports there.
+Same flags as train.py; evaluates the newest checkpoint in DIR and prints the metrics as JSON.
 """
+
+import json
 
 from absl import app
 from absl import flags
@@ -22,7 +24,8 @@ def main(argv):
   config_utils.maybe_initialize_distributed(config)
   from e2llm_jax.training import loop  # late: config errors above stay fast
 
-  loop.evaluate(config, _WORKDIR.value)
+  result = loop.evaluate(config, _WORKDIR.value)
+  print(json.dumps(result, indent=2, default=float))
 
 
 if __name__ == "__main__":
