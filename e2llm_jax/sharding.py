@@ -3,6 +3,7 @@
 Rules come from the config as (logical axis, mesh axes) pairs; a dimension a mesh axis does not divide stays whole.
 """
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -35,10 +36,14 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
     if len(devices) % known:
       raise ValueError(f"mesh.shape {tuple(shape)} does not divide {len(devices)} devices.")
     shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
+  if math.prod(shape) > len(devices):
     raise ValueError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices but "
                      f"{len(devices)} are available; set --config.mesh.shape to match (one entry "
                      f"may be -1).")
+  if math.prod(shape) < len(devices):
+    logging.warning("mesh.shape %s uses %d of %d devices.", tuple(shape), math.prod(shape),
+                    len(devices))
+    devices = devices[:math.prod(shape)]
   # Auto axes: XLA propagates shardings through gathers and reshapes inside the towers.
   axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
   if len(devices) == len(jax.devices()):

@@ -10,9 +10,8 @@ import numpy as np
 from e2llm_jax.models.e2llm import TASK_IFT, TASK_RECON
 
 PAD, BOS, EOS, KEY_MARK, QUERY_MARK = 0, 1, 2, 3, 4
-DIGIT_BASE, NUM_DIGITS = 10, 10
-KEY_BASE, NUM_KEYS_MAX = 20, 16
-NOISE_BASE = 40
+KEY_BASE, NUM_KEYS_MAX = 10, 16
+DIGIT_BASE = 26  # value symbols take ids [DIGIT_BASE, DIGIT_BASE + value_vocab)
 HELD_OUT_SALT = 7_777_777  # a seed stream no training step draws from
 
 
@@ -24,29 +23,40 @@ class PasskeyTask:
   different chunk and the query names one key.
   """
   vocab_size: int
+  value_vocab: int = 10  # symbols a value digit draws from (10: decimal digits)
   num_chunks: int = 8
   chunk_tokens: int = 16
   value_digits: int = 4
   num_keys: int = 1
   recon_fraction: float = 0.0
   recon_window: int = 1
+  target_tokens: int = 0  # 0: long enough for every target; else longer ones keep their head, no EOS
 
   def __post_init__(self):
-    if self.vocab_size <= NOISE_BASE + 8:
-      raise ValueError(f"Passkey needs vocab_size > {NOISE_BASE + 8}, got {self.vocab_size}.")
+    if self.vocab_size <= self.noise_base + 8:
+      raise ValueError(f"Passkey with value_vocab={self.value_vocab} needs vocab_size > "
+                       f"{self.noise_base + 8}, got {self.vocab_size}.")
     if not 1 <= self.num_keys <= min(NUM_KEYS_MAX, self.num_chunks):
       raise ValueError(f"num_keys must be in 1..{min(NUM_KEYS_MAX, self.num_chunks)}.")
+    if 0 < self.target_tokens <= self.value_digits:
+      raise ValueError(f"target_tokens={self.target_tokens} cannot hold a {self.value_digits}-digit "
+                       "answer and its end-of-sequence token.")
 
   @property
-  def target_tokens(self) -> int:
-    return max(self.value_digits, self.recon_window * self.chunk_tokens) + 1
+  def noise_base(self) -> int:
+    return DIGIT_BASE + self.value_vocab
+
+  @property
+  def target_length(self) -> int:
+    full = max(self.value_digits, self.recon_window * self.chunk_tokens) + 1
+    return min(full, self.target_tokens) if self.target_tokens else full
 
   def _example(self, rng: np.random.Generator, recon: bool) -> dict:
     n, t = self.num_chunks, self.chunk_tokens
-    chunks = rng.integers(NOISE_BASE, self.vocab_size, size=(n, t))
+    chunks = rng.integers(self.noise_base, self.vocab_size, size=(n, t))
     keys = rng.choice(NUM_KEYS_MAX, size=self.num_keys, replace=False)
     holders = rng.choice(n, size=self.num_keys, replace=False)
-    values = rng.integers(0, NUM_DIGITS, size=(self.num_keys, self.value_digits))
+    values = rng.integers(0, self.value_vocab, size=(self.num_keys, self.value_digits))
     needle_len = self.value_digits + (2 if self.num_keys > 1 else 1)
     for key, holder, value in zip(keys, holders, values):
       start = rng.integers(0, t - needle_len + 1)
@@ -65,10 +75,10 @@ class PasskeyTask:
       query = [QUERY_MARK, QUERY_MARK]
     else:
       target = list(DIGIT_BASE + values[asked])
-    target = target + [EOS]
-    target_ids = np.zeros(self.target_tokens, np.int32)
+    target = (target + [EOS])[:self.target_length]
+    target_ids = np.zeros(self.target_length, np.int32)
     target_ids[:len(target)] = target
-    target_mask = (np.arange(self.target_tokens) < len(target)).astype(np.int32)
+    target_mask = (np.arange(self.target_length) < len(target)).astype(np.int32)
     query_ids = np.full(2, PAD, np.int32)
     query_ids[:len(query)] = query
     return {

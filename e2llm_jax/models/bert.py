@@ -29,6 +29,7 @@ class EncoderConfig:
   hidden_act: str = "gelu"
   pad_token_id: int = 0
   model_type: str = "bert"
+  initializer_range: float = 0.02
   dtype: str = "float32"
   remat: bool = False
   lora_dropout: float = 0.0
@@ -45,7 +46,8 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, mask, deterministic):
     cfg = self.cfg
     dense = lambda n, axes, name: layers.Dense(
-        n, axes, use_bias=True, dtype=cfg.compute_dtype, lora_dropout=cfg.lora_dropout, name=name)
+        n, axes, use_bias=True, dtype=cfg.compute_dtype, lora_dropout=cfg.lora_dropout,
+        init_std=cfg.initializer_range, name=name)
     batch, length, _ = x.shape
     head_dim = cfg.hidden_size // cfg.num_heads
     split = lambda t: t.reshape(batch, length, cfg.num_heads, head_dim)
@@ -71,10 +73,12 @@ class Encoder(nn.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     positions = jnp.arange(input_ids.shape[-1])[None, :]
-    x = (layers.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(input_ids)
+    std = cfg.initializer_range
+    x = (layers.Embed(cfg.vocab_size, cfg.hidden_size, init_std=std,
+                      name="word_embeddings")(input_ids)
          + layers.Embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
-                        name="position_embeddings")(positions)
-         + layers.Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"),
+                        init_std=std, name="position_embeddings")(positions)
+         + layers.Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), init_std=std,
                         name="token_type_embeddings")(token_type_ids))
     x = layers.LayerNorm(cfg.layer_norm_eps, name="embeddings_norm")(x).astype(cfg.compute_dtype)
     mask = attention_mask.astype(bool)[:, None, None, :]

@@ -41,11 +41,11 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   lora_dropout: float = 0.0
-  kernel_init: Callable = nn.initializers.normal(0.02)
+  init_std: float = 0.02  # random init only (HF `initializer_range`); pretrained weights replace it
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
     y = x @ kernel.astype(self.dtype)
@@ -100,10 +100,11 @@ class Embed(nn.Module):
   features: int
   axes: tuple[str | None, str | None] = ("vocab", "embed")
   param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
         (self.num_embeddings, self.features), self.param_dtype)
 
   def __call__(self, ids: jax.Array) -> jax.Array:

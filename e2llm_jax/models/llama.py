@@ -43,6 +43,7 @@ class DecoderConfig:
   eos_token_id: int | None = None
   pad_token_id: int | None = None
   model_type: str = "llama"
+  initializer_range: float = 0.02
   dtype: str = "float32"
   remat: bool = False
   lora_dropout: float = 0.0
@@ -104,7 +105,8 @@ class Attention(nn.Module):
   def __call__(self, x, cos, sin, mask, kv_cache, cache_index, deterministic):
     cfg = self.cfg
     dense = lambda n, axes, bias, name: layers.Dense(
-        n, axes, use_bias=bias, dtype=cfg.compute_dtype, lora_dropout=cfg.lora_dropout, name=name)
+        n, axes, use_bias=bias, dtype=cfg.compute_dtype, lora_dropout=cfg.lora_dropout,
+        init_std=cfg.initializer_range, name=name)
     batch, length, _ = x.shape
     q = dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, "q_proj")(
         x, deterministic)
@@ -137,7 +139,7 @@ class MLP(nn.Module):
     cfg = self.cfg
     dense = lambda n, axes, name: layers.Dense(
         n, axes, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, lora_dropout=cfg.lora_dropout,
-        name=name)
+        init_std=cfg.initializer_range, name=name)
     gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x, deterministic)
     up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x, deterministic)
     return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(
@@ -165,7 +167,7 @@ class Decoder(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size)
+    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range)
     layer_cls = DecoderLayer
     if cfg.remat:
       layer_cls = nn.remat(DecoderLayer, static_argnums=(6,),
@@ -174,7 +176,7 @@ class Decoder(nn.Module):
     self.norm = layers.RMSNorm(cfg.rms_norm_eps)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.compute_dtype,
-                                  lora_dropout=cfg.lora_dropout)
+                                  lora_dropout=cfg.lora_dropout, init_std=cfg.initializer_range)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     return self.embed_tokens(input_ids).astype(self.cfg.compute_dtype)

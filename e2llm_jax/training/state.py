@@ -125,7 +125,8 @@ def make_optimizer(config, trainable) -> tuple[optax.GradientTransformation, dic
                        weight_decay=optim.weight_decay, mask=decay_mask)
 
   labels = _param_labels(trainable)
-  tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm),
+  clip = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+  tx = optax.chain(*clip,
                    optax.multi_transform({"lora": adamw("lora"), "head": adamw("head")}, labels))
   return tx, schedules
 

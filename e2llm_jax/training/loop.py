@@ -1,0 +1,215 @@
+"""The training loop and held-out evaluation: data → jitted step → metrics, checkpoints, resume.
+
+`train(config, workdir)` is what train.py runs; re-running it on the same workdir resumes exactly.
+"""
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from e2llm_jax import checkpoint, config_utils, sharding
+from e2llm_jax.data import passkey, pipeline
+from e2llm_jax.models import e2llm
+from e2llm_jax.training import reporting, state as state_lib, step as step_lib
+
+PASSKEY, RECON = "passkey", "recon"
+MODEL_ARRAYS = e2llm.BATCH_KEYS + ("chunks_dropped",)
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class PasskeyData:
+  """The synthetic token-level passkey task behind the same interface as the text pipeline."""
+  task: passkey.PasskeyTask
+  seed: int
+  batch_size: int
+  step: int = 0
+
+  def local_batch(self, step: int) -> dict:
+    return self.task.process_batch(self.seed, step, self.batch_size, jax.process_index(),
+                                   jax.process_count())
+
+  def held_out_batch(self, index: int, size: int) -> dict:
+    return self.task.process_batch(self.seed, index, size, jax.process_index(),
+                                   jax.process_count(), held_out=True)
+
+  @property
+  def eos_token_id(self) -> int:
+    return passkey.EOS
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict) -> None:
+    self.step = int(state["step"])
+
+
+def _is_passkey_run(config) -> bool:
+  return set(config.data.tasks) <= {PASSKEY, RECON} and PASSKEY in config.data.tasks
+
+
+def passkey_task(config, model: e2llm.E2LLMConfig) -> passkey.PasskeyTask:
+  weights = dict(config.data.tasks)
+  total = sum(weights.values())
+  return passkey.PasskeyTask(
+      vocab_size=min(model.encoder.vocab_size, model.decoder.vocab_size),
+      num_chunks=config.data.max_chunks, chunk_tokens=config.data.chunk_tokens,
+      value_digits=config.data.passkey.value_digits, value_vocab=config.data.passkey.value_vocab,
+      num_keys=config.data.passkey.num_keys,
+      recon_fraction=weights.get(RECON, 0.0) / total, recon_window=config.data.recon_window,
+      target_tokens=config.data.target_tokens)
+
+
+def make_data(config, model: e2llm.E2LLMConfig, start_step: int = 0):
+  """The run's data source: token-level passkey for random towers, else the text pipeline."""
+  if _is_passkey_run(config):
+    task = passkey_task(config, model)
+    return PasskeyData(task, int(config.seed), int(config.train.batch_size), start_step)
+  from e2llm_jax import hf
+  return pipeline.make_pipeline(config, hf.load_tokenizer(str(config.model.encoder.path)),
+                                hf.load_tokenizer(str(config.model.decoder.path)),
+                                start_step=start_step)
+
+
+def _model_arrays(batch: dict) -> dict:
+  return {k: np.asarray(batch[k], np.int32) for k in MODEL_ARRAYS}
+
+
+def _global(batch: dict, shardings: dict) -> dict:
+  return {k: pipeline.global_batch({k: v}, shardings[k])[k] for k, v in batch.items()}
+
+
+def _base_meta(setup: state_lib.TrainSetup) -> dict:
+  return checkpoint.base_weights_meta({name: path or None
+                                       for name, path in setup.base_paths.items()})
+
+
+def _random_frozen(setup: state_lib.TrainSetup):
+  """The frozen towers that exist only in memory (random init), which checkpoints must hold."""
+  random = {name: setup.frozen[name] for name, path in setup.base_paths.items() if not path}
+  return random or None
+
+
+def restore_latest(ckpt: checkpoint.Checkpointer, setup: state_lib.TrainSetup) -> tuple[int, dict]:
+  """Load the newest checkpoint into `setup` (on its mesh); returns (step, data state)."""
+  step = ckpt.latest_step()
+  if step is None:
+    return 0, {"step": 0}
+  abstract_state = sharding.abstract_with_shardings(setup.state, setup.state_shardings)
+  random = _random_frozen(setup)
+  abstract_frozen = None if random is None else sharding.abstract_with_shardings(
+      random, {k: setup.frozen_shardings[k] for k in random})
+  state, data_state, _, meta, frozen = ckpt.restore(step, abstract_state, abstract_frozen)
+  checkpoint.check_fingerprints(meta, _base_meta(setup))
+  setup.state = state
+  if frozen is not None:
+    setup.frozen = {**setup.frozen, **frozen}
+  return step, data_state
+
+
+def train(config, workdir: str) -> dict:
+  """Train (or resume) in `workdir`; returns the final held-out evaluation."""
+  config_utils.validate(config)
+  workdir = pathlib.Path(workdir)
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  setup = state_lib.create_train_state(config, mesh)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", int(config.ckpt.every_steps),
+                                 int(config.ckpt.keep), bool(config.ckpt.async_save))
+  start, data_state = restore_latest(ckpt, setup)
+  data = make_data(config, setup.model, start_step=int(data_state.get("step", start)))
+  total = int(config.train.steps)
+  example = _model_arrays(data.local_batch(start))
+  train_step = step_lib.make_train_step(config, setup, example)
+  batch_shardings = step_lib.batch_shardings_for(config, mesh, example)
+  config_json = config_utils.to_json_dict(config)
+  meta = _base_meta(setup)
+  random_frozen = _random_frozen(setup)
+  writer = reporting.MetricsWriter(workdir, total, start_step=start)
+  writer.write_config(config)
+  log_every = max(int(config.train.log_every), 1)
+  tokens = 0
+  state = setup.state
+  try:
+    for step in range(start, total):
+      batch = _global(example if step == start else _model_arrays(data.local_batch(step)),
+                      batch_shardings)
+      state, metrics = train_step(state, setup.frozen, batch)
+      metrics = jax.device_get(metrics)
+      tokens += int(metrics["decoder_tokens"]) + int(metrics["encoder_tokens"])
+      done = step + 1
+      data.set_state({"step": done})
+      if int(metrics["bad_steps"]) >= int(config.train.max_bad_steps):
+        raise NonFiniteLossError(
+            f"{metrics['bad_steps']} consecutive steps ending at step {done} had a non-finite "
+            f"loss or gradient; stopped. Checkpoint step {ckpt.latest_step()} in "
+            f"{ckpt.directory} is intact: lower optim.lr, raise optim.warmup_steps or use "
+            "model.compute_dtype=float32, then re-run to resume from it.")
+      if done % log_every == 0 or done == total:
+        writer.write(done, metrics, tokens=tokens)
+        tokens = 0
+      if config.train.eval_every and done % int(config.train.eval_every) == 0 and done < total:
+        writer.write_eval(done, evaluate_state(config, setup, state, data))
+      ckpt.save(done, state, data.get_state(), config_json, meta, frozen=random_frozen,
+                force=done == total)
+    setup.state = state
+    if int(config.train.eval_examples) <= 0:
+      return {}
+    result = evaluate_state(config, setup, state, data)
+    writer.write_eval(total, result)
+    return result
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def evaluate_state(config, setup: state_lib.TrainSetup, state: dict, data) -> dict:
+  """Held-out instruction examples: teacher-forced loss, greedy exact match of the answer."""
+  num = int(config.train.eval_examples)
+  batch_size = min(int(config.train.batch_size), num)
+  if isinstance(data, PasskeyData):
+    batches = [data.held_out_batch(i, batch_size) for i in range(max(num // batch_size, 1))]
+  else:
+    batches = data.held_out_batches(num, batch_size)
+  eos = getattr(data, "eos_token_id", setup.model.decoder.eos_token_id)
+  model = setup.model
+  gen = jax.jit(lambda trainable, frozen, batch: e2llm.generate(
+      model, frozen, trainable, batch, int(config.data.target_tokens), eos))
+  losses = jax.jit(lambda trainable, frozen, batch: e2llm.loss_sums(model, frozen, trainable, batch))
+  nll = count = exact = examples = 0.0
+  for local in batches:
+    arrays = _model_arrays(local)
+    keep = arrays["task"] == e2llm.TASK_IFT
+    sums = jax.device_get(losses(state["trainable"], setup.frozen, arrays))
+    nll, count = nll + sums["ift_nll"], count + sums["ift_tokens"]
+    tokens = np.asarray(gen(state["trainable"], setup.frozen, arrays))
+    target, mask = arrays["target_ids"], arrays["target_mask"].astype(bool)
+    for row in np.nonzero(keep)[0]:
+      want = target[row][mask[row]]
+      if eos is not None and len(want) and want[-1] == eos:
+        want = want[:-1]
+      exact += float(np.array_equal(tokens[row][:len(want)], want))
+      examples += 1
+  return {"ift_loss": nll / max(count, 1.0), "exact_match": exact / max(examples, 1.0),
+          "examples": examples}
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Restore the newest checkpoint of `workdir` and evaluate it on held-out examples."""
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  setup = state_lib.create_train_state(config, mesh)
+  with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", 1, 1 << 30, False) as ckpt:
+    step, data_state = restore_latest(ckpt, setup)
+  if step == 0:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first with "
+                            f"`python train.py --config=... --workdir={workdir}`.")
+  data = make_data(config, setup.model, start_step=int(data_state.get("step", step)))
+  result = evaluate_state(config, setup, setup.state, data)
+  result["step"] = step
+  return result

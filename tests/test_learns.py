@@ -1,0 +1,63 @@
+"""E2LLM learns: a tiny model from random init solves passkey retrieval through its soft tokens.
+
+With the soft tokens zeroed the same model is back at chance, so the answer can only come from the chunks.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import tiny
+from e2llm_jax import sharding
+from e2llm_jax.data import passkey
+from e2llm_jax.models import e2llm
+from e2llm_jax.training import loop, state as state_lib, step as step_lib
+
+STEPS = 1000
+HELD_OUT = 256
+
+
+def passkey_config():
+  config = tiny.get_config()
+  config.model.encoder.random_init.update(hidden_size=96, intermediate_size=192, vocab_size=256)
+  config.model.decoder.random_init.update(hidden_size=96, intermediate_size=192, vocab_size=256)
+  config.model.pooling = "mean"
+  config.model.tokens_per_chunk = 1
+  config.model.adapter_hidden = 0
+  config.data.tasks = {"passkey": 1.0}
+  config.data.max_chunks, config.data.chunk_tokens = 8, 16
+  config.data.passkey.value_digits = 4
+  config.train.batch_size, config.train.steps = 64, STEPS
+  config.optim.lr, config.optim.warmup_steps = 1e-3, 50
+  config.mesh.shape = (1, 1, 1)
+  return config
+
+
+def exact_match(model, frozen, trainable, batch):
+  tokens = np.asarray(jax.jit(lambda t, f, b: e2llm.generate(model, f, t, b, 5, passkey.EOS))(
+      trainable, frozen, batch))
+  want = batch["target_ids"][:, :4]
+  return float(np.mean(np.all(tokens[:, :4] == want, axis=1)))
+
+
+def test_passkey_retrieval_is_learned_through_the_soft_tokens():
+  config = passkey_config()
+  setup = state_lib.create_train_state(config, sharding.make_mesh((1, 1, 1), config.mesh.axes))
+  data = loop.make_data(config, setup.model)
+  train_step = step_lib.make_train_step(config, setup, loop._model_arrays(data.local_batch(0)))
+  state = setup.state
+  start = time.monotonic()
+  for step in range(STEPS):
+    state, _ = train_step(state, setup.frozen, loop._model_arrays(data.local_batch(step)))
+  seconds = time.monotonic() - start
+  held_out = loop._model_arrays(data.held_out_batch(0, HELD_OUT))
+  accuracy = exact_match(setup.model, setup.frozen, state["trainable"], held_out)
+  silenced = jax.tree.map(jnp.zeros_like, state["trainable"]["adapter"]["fc2"])
+  no_soft = {**state["trainable"], "adapter": {**state["trainable"]["adapter"], "fc2": silenced}}
+  chance = exact_match(setup.model, setup.frozen, no_soft, held_out)
+  print(f"passkey exact match {accuracy:.3f} after {STEPS} steps ({seconds:.0f} s); "
+        f"soft tokens zeroed {chance:.3f}")
+  assert accuracy >= 0.95
+  assert chance <= 0.02  # 4 random digits: chance is 1e-4

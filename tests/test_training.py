@@ -1,0 +1,157 @@
+"""Training on fake CPU meshes: sharding, mesh-independent losses, resume, restore on other meshes.
+
+Also: two processes with jax.distributed give the losses of one, and non-finite steps stop the run cleanly.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from e2llm_jax import checkpoint, sharding
+from e2llm_jax.training import loop, state as state_lib, step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ONE_MIB = 1 << 20
+
+
+def tiny_config(**overrides):
+  config = tiny.get_config()
+  config.train.steps = 4
+  config.train.log_every = 1
+  config.train.eval_examples = 0
+  config.ckpt.async_save = False
+  for dotted, value in overrides.items():
+    section, _, key = dotted.rpartition(".")
+    target = config
+    for part in section.split(".") if section else []:
+      target = target[part]
+    target[key] = value
+  return config
+
+
+def losses(workdir) -> list[tuple[int, float, float, float]]:
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [(r["step"], r["loss"], r["ift_loss"], r["recon_loss"]) for r in map(json.loads, lines)]
+
+
+def batch_for(config, setup, step):
+  data = loop.make_data(config, setup.model)
+  return loop._model_arrays(data.local_batch(step))
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 2), (2, 2, 2)])
+def test_tiny_trains_sharded(mesh_shape):
+  config = tiny_config(**{"mesh.shape": mesh_shape})
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  setup = state_lib.create_train_state(config, mesh)
+  frozen_before = jax.tree.map(np.asarray, setup.frozen)
+  trainable_before = jax.tree.map(np.asarray, setup.state["trainable"])
+
+  big = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
+      (setup.frozen, setup.state)) if leaf.nbytes > ONE_MIB]
+  assert big, "the tiny config must have parameters over 1 MiB for this test to mean anything"
+  for path, leaf in big:
+    assert not leaf.sharding.is_fully_replicated, jax.tree_util.keystr(path)
+
+  example = batch_for(config, setup, 0)
+  train_step = step_lib.make_train_step(config, setup, example)
+  state = setup.state
+  for step in range(3):
+    state, metrics = train_step(state, setup.frozen, batch_for(config, setup, step))
+  metrics = jax.device_get(metrics)
+  assert np.isfinite(metrics["ift_loss"]) and np.isfinite(metrics["recon_loss"])
+  assert metrics["recon_tokens"] > 0 and metrics["ift_tokens"] > 0  # both tasks in the batch
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, setup.frozen),
+               frozen_before)
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), state["trainable"],
+                         trainable_before)
+  assert all(jax.tree.leaves(changed)), changed
+
+
+def test_same_losses_on_every_mesh(tmp_path):
+  runs = {}
+  for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)]:
+    workdir = tmp_path / "x".join(map(str, shape))
+    loop.train(tiny_config(**{"mesh.shape": shape}), str(workdir))
+    runs[shape] = np.array(losses(workdir))[:, 1:]
+  reference = runs[(1, 1, 1)]
+  assert reference.shape == (4, 3) and np.all(reference[:, :2] > 0)
+  for shape, values in runs.items():
+    np.testing.assert_allclose(values, reference, rtol=1e-5, atol=1e-6, err_msg=str(shape))
+
+
+def test_resume_gives_identical_losses(tmp_path):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  config = tiny_config(**{"train.steps": 8, "ckpt.every_steps": 4})
+  loop.train(config, str(straight))
+  loop.train(tiny_config(**{"train.steps": 4, "ckpt.every_steps": 4}), str(resumed))
+  loop.train(config, str(resumed))  # the same command again, now for 8 steps: resumes at 4
+  assert [s for s, *_ in losses(resumed)] == list(range(1, 9))
+  np.testing.assert_array_equal(np.array(losses(resumed)), np.array(losses(straight)))
+
+
+def test_checkpoint_restores_on_other_meshes(tmp_path):
+  workdir = tmp_path / "run"
+  written = tiny_config(**{"mesh.shape": (1, 4, 2), "ckpt.every_steps": 2, "train.steps": 2})
+  loop.train(written, str(workdir))
+  next_losses = []
+  for shape in [(1, 4, 2), (2, 2, 2), (1, 1, 1)]:
+    config = tiny_config(**{"mesh.shape": shape})
+    setup = state_lib.create_train_state(config, sharding.make_mesh(shape, config.mesh.axes))
+    with checkpoint.Checkpointer(workdir / "checkpoints", 2, 2, False) as ckpt:
+      step, data_state = loop.restore_latest(ckpt, setup)
+    assert step == 2 and data_state == {"step": 2}
+    leaf = jax.tree.leaves(setup.state["trainable"])[0]
+    assert leaf.sharding.mesh.devices.shape == shape
+    example = batch_for(config, setup, 2)
+    _, metrics = step_lib.make_train_step(config, setup, example)(setup.state, setup.frozen,
+                                                                  example)
+    next_losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(next_losses, next_losses[0], rtol=1e-5)
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tmp_path):
+  workdir = tmp_path / "run"
+  loop.train(tiny_config(**{"train.steps": 2, "ckpt.every_steps": 2}), str(workdir))
+  config = tiny_config(**{"train.steps": 6, "ckpt.every_steps": 2, "train.max_bad_steps": 2,
+                          "loss.ift_weight": float("nan")})
+  with pytest.raises(loop.NonFiniteLossError, match="Checkpoint step 2"):
+    loop.train(config, str(workdir))
+  with checkpoint.Checkpointer(workdir / "checkpoints", 2, 2, False) as ckpt:
+    assert ckpt.latest_step() == 2
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_log_the_losses_of_one(tmp_path):
+  single = tmp_path / "single"
+  loop.train(tiny_config(**{"mesh.shape": (2, 2, 2)}), str(single))
+  port = _free_port()
+  args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+          "--workdir", str(tmp_path / "multi"), "--config.mesh.shape=2,2,2",
+          "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_examples=0",
+          "--config.ckpt.async_save=False"]
+  procs = []
+  for process_id in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(process_id), PYTHONPATH=str(ROOT))
+    procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  np.testing.assert_allclose(np.array(losses(tmp_path / "multi")), np.array(losses(single)),
+                             rtol=1e-5, atol=1e-6)
