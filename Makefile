@@ -20,7 +20,8 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	touch $@
 
 demo: $(VENV)/.runtime
-	$(PY) demo.py --workdir=$(WORKDIR)
+	$(PY) train.py --config=configs/demo.py --workdir=$(WORKDIR)
+	@echo "held-out evaluation: $(WORKDIR)/eval_metrics.jsonl"; tail -n 1 $(WORKDIR)/eval_metrics.jsonl
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q

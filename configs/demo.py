@@ -32,15 +32,16 @@ def get_config(arg=None):
   c.train.batch_size = 4
   c.train.log_every = 5
   c.train.eval_every = 0
-  c.train.eval_examples = 32
+  c.train.eval_examples = 24  # 8 per RULER task
 
   c.loss.recon_weight = 0.5  # small models need more of the "understanding" signal
   c.loss.recon_warmup_steps = 20
 
-  # RULER tasks generated offline (data.ruler): single/multi-key needles, SQuAD (qa_1) and
-  # HotpotQA (qa_2) questions in long distractor contexts; `recon` restates their chunks.
-  c.data.tasks = {"niah_single_2": 0.25, "niah_multikey_1": 0.15, "qa_1": 0.2, "qa_2": 0.15,
-                  "recon": 0.25}
+  # RULER tasks generated offline (data.ruler): needles in noise (niah_single_1) and in essays
+  # (niah_single_2), SQuAD questions among distractors (qa_1); `recon` restates their chunks.
+  # Weighted to needle retrieval, the skill a 20-minute CPU budget can start to teach; held-out
+  # samples of the same RULER tasks (another seed, RULER's evaluation questions) score the run.
+  c.data.tasks = {"niah_single_1": 0.3, "niah_single_2": 0.25, "qa_1": 0.15, "recon": 0.3}
   c.data.chunk_tokens = 64
   c.data.max_chunks = 8
   c.data.recon_window = 1

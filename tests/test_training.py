@@ -39,7 +39,9 @@ def tiny_config(**overrides):
 
 def losses(workdir) -> list[tuple[int, float, float, float]]:
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return [(r["step"], r["loss"], r["ift_loss"], r["recon_loss"]) for r in map(json.loads, lines)]
+  nan_if_null = lambda v: float("nan") if v is None else v
+  return [(r["step"], r["loss"], nan_if_null(r["ift_loss"]), nan_if_null(r["recon_loss"]))
+          for r in map(json.loads, lines)]
 
 
 def batch_for(config, setup, step):

@@ -13,10 +13,12 @@ import numpy as np
 
 from e2llm_jax import checkpoint, config_utils, sharding
 from e2llm_jax.data import passkey, pipeline
+from e2llm_jax.evaluation import metrics
 from e2llm_jax.models import e2llm
 from e2llm_jax.training import reporting, state as state_lib, step as step_lib
 
 PASSKEY, RECON = "passkey", "recon"
+HELD_OUT_SEED_OFFSET = 1_000_003  # evaluation samples come from a seed no training source uses
 MODEL_ARRAYS = e2llm.BATCH_KEYS + ("chunks_dropped",)
 
 
@@ -35,6 +37,11 @@ class PasskeyData:
   def local_batch(self, step: int) -> dict:
     return self.task.process_batch(self.seed, step, self.batch_size, jax.process_index(),
                                    jax.process_count())
+
+  def __next__(self) -> dict:
+    batch = self.local_batch(self.step)
+    self.step += 1
+    return batch
 
   def held_out_batch(self, index: int, size: int) -> dict:
     return self.task.process_batch(self.seed, index, size, jax.process_index(),
@@ -125,9 +132,9 @@ def train(config, workdir: str) -> dict:
   start, data_state = restore_latest(ckpt, setup)
   data = make_data(config, setup.model, start_step=int(data_state.get("step", start)))
   total = int(config.train.steps)
-  example = _model_arrays(data.local_batch(start))
-  train_step = step_lib.make_train_step(config, setup, example)
-  batch_shardings = step_lib.batch_shardings_for(config, mesh, example)
+  first_batch = _model_arrays(next(data))
+  train_step = step_lib.make_train_step(config, setup, first_batch)
+  batch_shardings = step_lib.batch_shardings_for(config, mesh, first_batch)
   config_json = config_utils.to_json_dict(config)
   meta = _base_meta(setup)
   random_frozen = _random_frozen(setup)
@@ -138,13 +145,12 @@ def train(config, workdir: str) -> dict:
   state = setup.state
   try:
     for step in range(start, total):
-      batch = _global(example if step == start else _model_arrays(data.local_batch(step)),
+      batch = _global(first_batch if step == start else _model_arrays(next(data)),
                       batch_shardings)
       state, metrics = train_step(state, setup.frozen, batch)
       metrics = jax.device_get(metrics)
       tokens += int(metrics["decoder_tokens"]) + int(metrics["encoder_tokens"])
       done = step + 1
-      data.set_state({"step": done})
       if int(metrics["bad_steps"]) >= int(config.train.max_bad_steps):
         raise NonFiniteLossError(
             f"{metrics['bad_steps']} consecutive steps ending at step {done} had a non-finite "
@@ -167,37 +173,79 @@ def train(config, workdir: str) -> dict:
   finally:
     ckpt.close()
     writer.close()
+    getattr(data, "close", lambda: None)()
 
 
 def evaluate_state(config, setup: state_lib.TrainSetup, state: dict, data) -> dict:
-  """Held-out instruction examples: teacher-forced loss, greedy exact match of the answer."""
+  """Held-out instruction examples: teacher-forced answer loss and greedy answers.
+
+  Passkey runs score token-exact matches; text runs score RULER's string match on decoded answers,
+  per task, on samples generated with another seed (and RULER's evaluation question pool).
+  """
   num = int(config.train.eval_examples)
   batch_size = min(int(config.train.batch_size), num)
-  if isinstance(data, PasskeyData):
-    batches = [data.held_out_batch(i, batch_size) for i in range(max(num // batch_size, 1))]
-  else:
-    batches = data.held_out_batches(num, batch_size)
-  eos = getattr(data, "eos_token_id", setup.model.decoder.eos_token_id)
   model = setup.model
+  eos = getattr(data, "eos_token_id", model.decoder.eos_token_id)
+  max_new = int(config.data.target_tokens)
   gen = jax.jit(lambda trainable, frozen, batch: e2llm.generate(
-      model, frozen, trainable, batch, int(config.data.target_tokens), eos))
+      model, frozen, trainable, batch, max_new, eos))
   losses = jax.jit(lambda trainable, frozen, batch: e2llm.loss_sums(model, frozen, trainable, batch))
-  nll = count = exact = examples = 0.0
-  for local in batches:
-    arrays = _model_arrays(local)
-    keep = arrays["task"] == e2llm.TASK_IFT
+
+  def run(arrays):
     sums = jax.device_get(losses(state["trainable"], setup.frozen, arrays))
-    nll, count = nll + sums["ift_nll"], count + sums["ift_tokens"]
-    tokens = np.asarray(gen(state["trainable"], setup.frozen, arrays))
-    target, mask = arrays["target_ids"], arrays["target_mask"].astype(bool)
-    for row in np.nonzero(keep)[0]:
-      want = target[row][mask[row]]
-      if eos is not None and len(want) and want[-1] == eos:
-        want = want[:-1]
-      exact += float(np.array_equal(tokens[row][:len(want)], want))
-      examples += 1
-  return {"ift_loss": nll / max(count, 1.0), "exact_match": exact / max(examples, 1.0),
-          "examples": examples}
+    return sums, np.asarray(gen(state["trainable"], setup.frozen, arrays))
+
+  if isinstance(data, PasskeyData):
+    nll = count = exact = 0.0
+    for index in range(max(num // batch_size, 1)):
+      arrays = _model_arrays(data.held_out_batch(index, batch_size))
+      sums, tokens = run(arrays)
+      nll, count = nll + sums["ift_nll"], count + sums["ift_tokens"]
+      length = data.task.value_digits
+      exact += float(np.sum(np.all(tokens[:, :length] == arrays["target_ids"][:, :length], 1)))
+    examples = max(num // batch_size, 1) * batch_size
+    return {"ift_loss": nll / max(count, 1.0), "exact_match": exact / examples,
+            "examples": examples}
+
+  result, nll, count = {}, 0.0, 0.0
+  tokenizer = data.encoder.decoder_tokenizer
+  for task, examples, references in held_out_text_examples(config, data, num):
+    predictions = []
+    for first in range(0, len(examples), batch_size):
+      rows = examples[first:first + batch_size]
+      rows += [rows[-1]] * (batch_size - len(rows))  # static shapes: pad with a repeat
+      arrays = _model_arrays({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+      sums, tokens = run(arrays)
+      nll, count = nll + sums["ift_nll"], count + sums["ift_tokens"]
+      for row in tokens[:min(batch_size, len(examples) - first)]:
+        row = list(row)
+        predictions.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row,
+                                            skip_special_tokens=True))
+    result[f"{task}/score"] = metrics.ruler_score(task, predictions, references)
+    result[f"{task}/example_prediction"] = predictions[0]
+  scores = [v for k, v in result.items() if k.endswith("/score")]
+  result["score"] = float(np.mean(scores)) if scores else 0.0
+  result["ift_loss"] = nll / max(count, 1.0)
+  return result
+
+
+def held_out_text_examples(config, data, num: int):
+  """(task, examples, gold outputs) for each RULER task the run trains on, from unseen samples."""
+  from e2llm_jax.data import builders, ruler
+  names = [n for n in config.data.tasks if n in ruler.TASKS] or ["niah_single_1"]
+  per_task = max(num // len(names), 1)
+  for name in names:
+    length = config.data.ruler_max_seq_length or pipeline.fit_ruler_length(
+        name, data.encoder.chunker, int(config.data.max_chunks), data.encoder.decoder_tokenizer,
+        int(config.seed))
+    samples = ruler.generate(name, int(length), per_task, int(config.seed) + HELD_OUT_SEED_OFFSET,
+                             data.encoder.decoder_tokenizer, question_pool="eval")
+    examples = []
+    for sample in samples:
+      record = builders.decode_record(sample)
+      examples.append(data.encoder.instruction(record["context"], record["prompt"],
+                                               record["answer"], data.template_for(name, record)))
+    yield name, examples, [sample["outputs"] for sample in samples]
 
 
 def evaluate(config, workdir: str) -> dict:

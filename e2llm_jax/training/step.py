@@ -71,7 +71,7 @@ def make_train_step(config, setup: TrainSetup, batch_example: dict):
           accumulate, zeros,
         (micro_batches, jax.random.split(step_rng, microbatches)))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -85,8 +85,10 @@ def make_train_step(config, setup: TrainSetup, batch_example: dict):
     }
     metrics = {
         "loss": loss,
-        "ift_loss": sums["ift_nll"] / ift_total,
-        "recon_loss": sums["recon_nll"] / recon_total,
+        # NaN (null in metrics.jsonl) when a batch has no example of that task, rather than 0.
+        "ift_loss": jnp.where(sums["ift_tokens"] > 0, sums["ift_nll"] / ift_total, jnp.nan),
+        "recon_loss": jnp.where(sums["recon_tokens"] > 0, sums["recon_nll"] / recon_total,
+                                jnp.nan),
         "ift_tokens": sums["ift_tokens"],
         "recon_tokens": sums["recon_tokens"],
         "ift_token_accuracy": sums["ift_correct"] / ift_total,
