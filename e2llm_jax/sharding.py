@@ -1,6 +1,6 @@
 """The device mesh and the logical-axis rules that place every parameter and batch on it.
 
-Rules come from the config as (logical axis, mesh axes) pairs; a dimension a mesh axis does not divide stays whole.
+Rules are `mesh.rules` of the config (logical axis, mesh axes); a dimension an axis does not divide stays whole.
 """
 
 import logging
@@ -11,16 +11,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vocab", "tensor"),
-    ("norm", None),
-)
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
