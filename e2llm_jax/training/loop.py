@@ -121,8 +121,12 @@ def restore_latest(ckpt: checkpoint.Checkpointer, setup: state_lib.TrainSetup) -
   return step, data_state
 
 
-def train(config, workdir: str) -> dict:
-  """Train (or resume) in `workdir`; returns the final held-out evaluation."""
+def train(config, workdir: str, stop_after: int | None = None) -> dict:
+  """Train (or resume) in `workdir`; returns the final held-out evaluation.
+
+  `stop_after` ends this process after that step without saving it, as a crash would; running
+  again resumes from the newest checkpoint and continues to `train.steps`.
+  """
   config_utils.validate(config)
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
@@ -162,6 +166,8 @@ def train(config, workdir: str) -> dict:
         tokens = 0
       if config.train.eval_every and done % int(config.train.eval_every) == 0 and done < total:
         writer.write_eval(done, evaluate_state(config, setup, state, data))
+      if stop_after is not None and done >= stop_after and done < total:
+        return {}
       ckpt.save(done, state, data.get_state(), config_json, meta, frozen=random_frozen,
                 force=done == total)
     setup.state = state
