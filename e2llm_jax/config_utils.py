@@ -147,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.passkey.value_digits = 4  # length of the hidden value
   c.data.passkey.value_vocab = 10  # symbols a value digit draws from
   c.data.passkey.num_keys = 1  # > 1: key→value variant, the query names one key
+  c.data.passkey.needle_at_chunk_start = False  # True: a needle opens its chunk; else anywhere
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)  # one entry may be -1 (all remaining devices)

@@ -31,6 +31,9 @@ class PasskeyTask:
   recon_fraction: float = 0.0
   recon_window: int = 1
   target_tokens: int = 0  # 0: long enough for every target; else longer ones keep their head, no EOS
+  # True: a needle opens its chunk, as when chunks are cut at the needle's sentence; False: it sits
+  # at a random offset. Both draw the same random numbers, so only the placement differs.
+  needle_at_chunk_start: bool = False
 
   def __post_init__(self):
     if self.vocab_size <= self.noise_base + 8:
@@ -59,7 +62,8 @@ class PasskeyTask:
     values = rng.integers(0, self.value_vocab, size=(self.num_keys, self.value_digits))
     needle_len = self.value_digits + (2 if self.num_keys > 1 else 1)
     for key, holder, value in zip(keys, holders, values):
-      start = rng.integers(0, t - needle_len + 1)
+      offset = rng.integers(0, t - needle_len + 1)
+      start = 0 if self.needle_at_chunk_start else offset
       needle = [KEY_MARK] + ([KEY_BASE + key] if self.num_keys > 1 else []) + list(
           DIGIT_BASE + value)
       chunks[holder, start:start + needle_len] = needle

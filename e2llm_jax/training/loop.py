@@ -70,6 +70,7 @@ def passkey_task(config, model: e2llm.E2LLMConfig) -> passkey.PasskeyTask:
       num_chunks=config.data.max_chunks, chunk_tokens=config.data.chunk_tokens,
       value_digits=config.data.passkey.value_digits, value_vocab=config.data.passkey.value_vocab,
       num_keys=config.data.passkey.num_keys,
+      needle_at_chunk_start=config.data.passkey.needle_at_chunk_start,
       recon_fraction=weights.get(RECON, 0.0) / total, recon_window=config.data.recon_window,
       target_tokens=config.data.target_tokens)
 
