@@ -70,6 +70,3 @@ def merge(params: Any, lora: Any, scale: float) -> Any:
     merged[module + ("kernel",)] = (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
   return traverse_util.unflatten_dict(merged)
 
-
-def num_params(tree: Any) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(tree))

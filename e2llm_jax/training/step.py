@@ -118,10 +118,3 @@ def batch_shardings_for(config, mesh, batch_example: dict) -> dict:
   return {k: sharding.batch_sharding(mesh, config.mesh.rules, v.ndim)
           for k, v in batch_example.items()}
 
-
-def make_eval_loss(config, setup: TrainSetup, batch_example: dict):
-  """jit: (trainable, frozen, batch) → loss sums, for held-out evaluation without an update."""
-  cfg = setup.model
-  return jax.jit(lambda trainable, frozen, batch: e2llm.loss_sums(cfg, frozen, trainable, batch),
-                 in_shardings=(setup.state_shardings["trainable"], setup.frozen_shardings,
-                               batch_shardings_for(config, setup.mesh, batch_example)))
