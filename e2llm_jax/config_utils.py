@@ -322,6 +322,25 @@ def _overrides(argv: Sequence[str], flag: str) -> list[tuple[str, str]]:
   return found
 
 
+def define_cli_flags(workdir_help: str):
+  """The `--config` (locked ConfigDict file) and `--workdir` flags that train.py and eval.py share."""
+  from absl import flags  # late: only the CLIs define flags
+  from ml_collections import config_flags
+
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Config file (configs/*.py), optionally `file.py:arg`.", lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+  return config, workdir
+
+
+def check_no_extra_args(argv: Sequence[str]) -> None:
+  from absl import app
+
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+
+
 def parse_flags(argv: Sequence[str], flag: str = "config") -> list[str]:
   """absl `flags_parser` for the CLIs: parse, then `validate`; every config error is one clean line.
 

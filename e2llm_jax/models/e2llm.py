@@ -88,8 +88,7 @@ def soft_token_mask(cfg: E2LLMConfig, chunk_mask: jax.Array) -> jax.Array:
 
 
 def _embed(cfg: E2LLMConfig, frozen, ids):
-  return jnp.take(frozen["decoder"]["embed_tokens"]["embedding"], ids, axis=0).astype(
-      cfg.decoder.compute_dtype)
+  return llama.embed(cfg.decoder, frozen["decoder"], ids)
 
 
 def splice(cfg: E2LLMConfig, frozen: Any, soft: jax.Array, batch: dict,

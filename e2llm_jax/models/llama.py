@@ -230,12 +230,15 @@ def attention_mask_matrix(cfg: DecoderConfig, key_mask: jax.Array, query_slots: 
   return allowed[:, None, :, :]
 
 
+def embed(cfg: DecoderConfig, params: Any, input_ids: jax.Array) -> jax.Array:
+  """Token embeddings [B,T,D] in the compute dtype (what the decoder reads for text)."""
+  return Decoder(cfg).apply({"params": params}, input_ids, method=Decoder.embed)
+
+
 def _embeds(cfg, params, input_ids, inputs_embeds):
   if (input_ids is None) == (inputs_embeds is None):
     raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-  if inputs_embeds is None:
-    inputs_embeds = Decoder(cfg).apply({"params": params}, input_ids, method=Decoder.embed)
-  return inputs_embeds
+  return embed(cfg, params, input_ids) if inputs_embeds is None else inputs_embeds
 
 
 def decoder_forward(cfg: DecoderConfig, params: Any, *, input_ids=None, inputs_embeds=None,
