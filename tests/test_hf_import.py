@@ -17,7 +17,8 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from e2llm_jax import hf
-from e2llm_jax.hf import import_weights
+from e2llm_jax.hf import tokenizers as hf_tokenizers
+from e2llm_jax.hf import weight_names
 from e2llm_jax.models import bert, llama
 
 TINY_DECODER = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
@@ -91,13 +92,13 @@ def llama_folder(tmp_path_factory):
 def test_decoder_weight_map_matches_the_model_tree(variant):
   hf_config = transformers.AutoConfig.for_model(**{**TINY_DECODER, **DECODER_VARIANTS[variant]})
   cfg = hf.decoder_config_from_hf(hf_config.to_dict())
-  mapped = {spec.path: spec.shape for spec in import_weights.decoder_weight_map(cfg).values()}
+  mapped = {spec.path: spec.shape for spec in weight_names.decoder_weight_map(cfg).values()}
   assert mapped == shapes_of_init(cfg)
 
 
 def test_encoder_weight_map_matches_the_model_tree():
   cfg = hf.encoder_config_from_hf(transformers.BertConfig(**TINY_ENCODER).to_dict())
-  mapped = {spec.path: spec.shape for spec in import_weights.encoder_weight_map(cfg).values()}
+  mapped = {spec.path: spec.shape for spec in weight_names.encoder_weight_map(cfg).values()}
   assert mapped == shapes_of_init(cfg)
 
 
@@ -403,10 +404,10 @@ def write_gguf(path: pathlib.Path, cfg, state: dict[str, np.ndarray], tokens=Non
     writer.add_chat_template(chat_template)
   for name, tensor in state.items():
     if cfg.model_type == "llama" and ".q_proj." in name:
-      tensor = import_weights.llama_cpp_rope_permute(tensor, cfg.num_heads)
+      tensor = weight_names.llama_cpp_rope_permute(tensor, cfg.num_heads)
     elif cfg.model_type == "llama" and ".k_proj." in name:
-      tensor = import_weights.llama_cpp_rope_permute(tensor, cfg.num_kv_heads)
-    writer.add_tensor(import_weights.gguf_name_from_hf(name), np.ascontiguousarray(tensor))
+      tensor = weight_names.llama_cpp_rope_permute(tensor, cfg.num_kv_heads)
+    writer.add_tensor(weight_names.gguf_name_from_hf(name), np.ascontiguousarray(tensor))
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
@@ -415,9 +416,9 @@ def write_gguf(path: pathlib.Path, cfg, state: dict[str, np.ndarray], tokens=Non
 
 def test_rope_permutation_round_trips():
   weight = np.arange(8 * 6 * 3, dtype=np.float32).reshape(48, 3)
-  permuted = import_weights.llama_cpp_rope_permute(weight, 6)
+  permuted = weight_names.llama_cpp_rope_permute(weight, 6)
   assert not np.array_equal(permuted, weight)
-  np.testing.assert_array_equal(import_weights.llama_cpp_rope_unpermute(permuted, 6), weight)
+  np.testing.assert_array_equal(weight_names.llama_cpp_rope_unpermute(permuted, 6), weight)
   # Row 1 of llama.cpp's layout is the partner of row 0, which HF keeps half a head further on.
   np.testing.assert_array_equal(permuted[1], weight[4])
 
@@ -447,7 +448,7 @@ def test_gguf_with_an_unknown_tensor_lists_it(tmp_path, llama_folder):
 
 def test_gguf_tokenizer_keeps_control_tokens_whole(tmp_path, llama_folder):
   cfg, _ = hf.load_decoder(llama_folder)
-  spelling = import_weights._byte_spelling()
+  spelling = hf_tokenizers.byte_spelling()
   alphabet = [spelling[b] for b in range(256)]
   control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
   merged = ["he", "ll", "hell", "hello", "Ġw", "Ġwor"]

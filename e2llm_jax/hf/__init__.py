@@ -3,16 +3,17 @@
 `load_encoder`, `load_decoder` and `load_tokenizer` are the stable entry points (DESIGN §4).
 """
 
-from e2llm_jax.hf.import_weights import (
+from e2llm_jax.hf.configs import (
     decoder_config_from_hf,
     decoder_config_to_hf,
-    decoder_to_hf_state_dict,
     encoder_config_from_hf,
     encoder_config_to_hf,
+)
+from e2llm_jax.hf.loading import load_decoder, load_encoder
+from e2llm_jax.hf.tokenizers import load_tokenizer
+from e2llm_jax.hf.weight_names import (
+    decoder_to_hf_state_dict,
     encoder_to_hf_state_dict,
-    load_decoder,
-    load_encoder,
-    load_tokenizer,
     to_hf_state_dict,
 )
 
