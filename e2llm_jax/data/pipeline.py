@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from e2llm_jax.data import builders, tasks
+from e2llm_jax.data import builders, seeds, tasks
 
 RECON = "recon"
 INSTRUCTION_TEMPLATE = "qa"
@@ -75,10 +75,12 @@ def tfds_source(name: str, data_dir: str, split: str = "train") -> Any:
 
 def ruler_source(task: str, *, max_seq_length: int, num_samples: int, seed: int, tokenizer: Any
                  ) -> InMemorySource:
-  """RULER samples of `task` (training question pool), kept in RULER's layout (`builders.decode_record`
-  reads it: the haystack is the context, the instruction before it the preamble)."""
+  """RULER samples of `task` (training question pool, the run `seed`'s train stream), kept in RULER's
+  layout (`builders.decode_record` reads it: the haystack is the context, the instruction before it the
+  preamble). The `ruler_synthetic` train split built with the same seed holds the same samples."""
   from e2llm_jax.data import ruler  # pylint: disable=g-import-not-at-top
-  samples = ruler.generate(task, max_seq_length, num_samples, seed, tokenizer, question_pool="train")
+  samples = ruler.generate(task, max_seq_length, num_samples, seeds.stream_seed(seed, seeds.TRAIN, task),
+                           tokenizer, question_pool="train")
   return InMemorySource([{**sample, "task": task} for sample in samples])
 
 

@@ -1,7 +1,7 @@
 """TFDS builder `ruler_synthetic`: RULER's synthetic tasks (`e2llm_jax.data.ruler`) as array_record splits.
 
-One config = tasks x lengths x samples x decoder tokenizer x seed. `validation` uses the config's seed and
-RULER's evaluation QA questions; `train` uses another seed and only QA questions outside that pool.
+One config = tasks x lengths x samples x decoder tokenizer x seed. Each split draws from its own named stream
+of the seed (`data.seeds`): `validation` with RULER's evaluation QA questions, `train` with only the others.
 
 Build and read without TensorFlow (ENVIRONMENT.md §2):
   config = RulerSyntheticConfig(name="mine_4k", tasks=("niah_single_1", "qa_1"), lengths=(4096,),
@@ -21,11 +21,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from e2llm_jax import assets
-from e2llm_jax.data import ruler
+from e2llm_jax.data import ruler, seeds
 
 FILE_FORMAT = "array_record"  # the only format TFDS writes and reads back without TensorFlow
-TRAIN_SEED_OFFSET = 1_000_003  # train seed = config seed + this, so no train sample repeats a validation one
-SPLIT_QUESTION_POOLS = {"validation": "eval", "train": "train"}
+SPLIT_QUESTION_POOLS = {seeds.VALIDATION: "eval", seeds.TRAIN: "train"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,22 +84,26 @@ class RulerSynthetic(tfds.core.GeneratorBasedBuilder):
     for task in config.tasks:
       ruler.task_spec(task)  # an unknown name fails before any work
     tokenizer = _load_tokenizer(config.tokenizer_path)
-    seeds = {"validation": config.seed, "train": config.seed + TRAIN_SEED_OFFSET}
-    return {split: self._generate_examples(tokenizer, seeds[split], SPLIT_QUESTION_POOLS[split])
-            for split in SPLIT_QUESTION_POOLS}
+    return {split: self._generate_examples(tokenizer, split) for split in SPLIT_QUESTION_POOLS}
 
-  def _generate_examples(self, tokenizer: Any, seed: int, question_pool: str) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(self, tokenizer: Any, split: str) -> Iterator[tuple[str, dict]]:
     config: RulerSyntheticConfig = self.builder_config
     for task in config.tasks:
+      seed = split_seed(config.seed, split, task)
       for max_seq_length in config.lengths:
         for sample in ruler.generate(task, max_seq_length, config.num_samples, seed, tokenizer,
-                                     question_pool=question_pool):
+                                     question_pool=SPLIT_QUESTION_POOLS[split]):
           yield f"{task}/{max_seq_length}/{sample['index']}", {
               "index": sample["index"], "task": task, "input": sample["input"], "outputs": sample["outputs"],
               "answer_prefix": sample["answer_prefix"], "length": sample["length"],
               "max_seq_length": max_seq_length, "context_start": sample["context_start"],
               "context_end": sample["context_end"],
           }
+
+
+def split_seed(seed: int, split: str, task: str) -> int:
+  """The `ruler.generate` seed of `task` in `split` ("train" or "validation") under the config's seed."""
+  return seeds.stream_seed(seed, split, task)
 
 
 def _load_tokenizer(path: str) -> Any:
