@@ -106,6 +106,14 @@ def fit_ruler_length(task: str, chunker: Any, max_chunks: int, tokenizer: Any, s
                    "data.ruler_max_seq_length.")
 
 
+def record_template(record: Mapping[str, Any]) -> str | tasks.PromptTemplate:
+  """A decoded record's own preamble before the context (RULER) as its template, else `qa`."""
+  if record["preamble"]:
+    return tasks.PromptTemplate(record["preamble"].replace("{", "{{").replace("}", "}}")
+                                + "{context}{question}")
+  return INSTRUCTION_TEMPLATE
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotChoice:
   """What one batch slot holds: its task, the source and record it reads, and its generator."""
@@ -203,10 +211,7 @@ class Pipeline:
     """`data.templates[task]`, else the record's own preamble before the context (RULER), else `qa`."""
     if task in self.templates:
       return self.templates[task]
-    if record["preamble"]:
-      return tasks.PromptTemplate(record["preamble"].replace("{", "{{").replace("}", "}}")
-                                  + "{context}{question}")
-    return INSTRUCTION_TEMPLATE
+    return record_template(record)
 
   def local_slots(self) -> range:
     """This process's slots (rows) of every global batch."""
