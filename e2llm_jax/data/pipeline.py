@@ -114,6 +114,19 @@ def record_template(record: Mapping[str, Any]) -> str | tasks.PromptTemplate:
   return INSTRUCTION_TEMPLATE
 
 
+def make_example_encoder(config: Any, encoder_tokenizer: Any, decoder_tokenizer: Any,
+                         sizes: tasks.ExampleSizes | None = None) -> tasks.ExampleEncoder:
+  """The run's example encoder (chunker, chat template, prompt layout) from `config.data`; `sizes`
+  replaces the config's fixed sizes (inference prompts are not cut to training lengths)."""
+  data = config.data
+  get = lambda name, default: data[name] if name in data and data[name] is not None else default  # pylint: disable=unnecessary-lambda-assignment
+  return tasks.ExampleEncoder(
+      encoder_tokenizer, decoder_tokenizer, sizes or tasks.ExampleSizes.from_config(data),
+      chunk_overlap=int(get("chunk_overlap", 0)),
+      overlong_policy=str(get("overlong_policy", "head_tail")),
+      chat_template=get("chat_template", None), system_prompt=get("system_prompt", None))
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotChoice:
   """What one batch slot holds: its task, the source and record it reads, and its generator."""
@@ -321,11 +334,7 @@ def make_pipeline(config: Any, encoder_tokenizer: Any, decoder_tokenizer: Any, *
   """
   data = config.data
   get = lambda name, default: data[name] if name in data and data[name] is not None else default  # pylint: disable=unnecessary-lambda-assignment
-  example_encoder = tasks.ExampleEncoder(
-      encoder_tokenizer, decoder_tokenizer, tasks.ExampleSizes.from_config(data),
-      chunk_overlap=int(get("chunk_overlap", 0)),
-      overlong_policy=str(get("overlong_policy", "head_tail")),
-      chat_template=get("chat_template", None), system_prompt=get("system_prompt", None))
+  example_encoder = make_example_encoder(config, encoder_tokenizer, decoder_tokenizer)
   weights = dict(data.tasks)
   recon_sources = list(get("recon_sources", []))
   tfds_names = dict(get("tfds_names", {}))

@@ -60,7 +60,8 @@ def init_trainable(cfg: E2LLMConfig, frozen: Any, rng: jax.Array, boxed: bool = 
   return trainable if boxed else nn.meta.unbox(trainable)
 
 
-def _scaled_lora(trainable, name, config):
+def scaled_lora(trainable: Any, name: str, config: lora.LoRAConfig | None):
+  """The LoRA tree `name` scaled by alpha/rank, or None when that tower has no LoRA."""
   if config is None or name not in trainable:
     return None
   return lora.scaled(trainable[name], config.scale)
@@ -74,7 +75,7 @@ def soft_tokens(cfg: E2LLMConfig, frozen: Any, trainable: Any, chunk_ids: jax.Ar
   flat_mask = chunk_token_mask.reshape(batch * num_chunks, length)
   rngs = None if deterministic or rng is None else {"dropout": rng}
   hidden = bert.encode(cfg.encoder, frozen["encoder"], flat_ids, flat_mask,
-                       lora=_scaled_lora(trainable, "encoder_lora", cfg.encoder_lora),
+                       lora=scaled_lora(trainable, "encoder_lora", cfg.encoder_lora),
                        deterministic=deterministic, rngs=rngs)
   pooling = cfg.pooling_module()
   pooled = pooling.apply({"params": trainable.get("pooling", {})}, hidden.astype(jnp.float32),
@@ -120,7 +121,7 @@ def target_logits(cfg: E2LLMConfig, frozen: Any, trainable: Any, batch: dict,
   soft = soft_tokens(cfg, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"],
                      deterministic, enc_rng)
   embeds, mask = splice(cfg, frozen, soft, batch)
-  decoder_lora = _scaled_lora(trainable, "decoder_lora", cfg.decoder_lora)
+  decoder_lora = scaled_lora(trainable, "decoder_lora", cfg.decoder_lora)
   rngs = None if deterministic or dec_rng is None else {"dropout": dec_rng}
   hidden = llama.decoder_forward(cfg.decoder, frozen["decoder"], inputs_embeds=embeds,
                                  attention_mask=mask, lora=decoder_lora,
@@ -163,7 +164,7 @@ def generate(cfg: E2LLMConfig, frozen: Any, trainable: Any, batch: dict, max_new
   """
   soft = soft_tokens(cfg, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"])
   embeds, mask = splice(cfg, frozen, soft, batch, with_target=False)
-  decoder_lora = _scaled_lora(trainable, "decoder_lora", cfg.decoder_lora)
+  decoder_lora = scaled_lora(trainable, "decoder_lora", cfg.decoder_lora)
   batch_size, prompt_len = mask.shape
   cache = llama.init_cache(cfg.decoder, batch_size, prompt_len + max_new_tokens)
   logits, cache = llama.decoder_step(cfg.decoder, frozen["decoder"], cache, inputs_embeds=embeds,
