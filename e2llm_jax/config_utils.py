@@ -158,6 +158,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt.every_steps = 500
   c.ckpt.keep = 3
   c.ckpt.async_save = True
+
+  c.eval = ml_collections.ConfigDict()  # eval.py (e2llm_jax.evaluation): tasks x lengths x methods
+  c.eval.tasks = "niah_single_1,niah_single_2,vt,qa_1"  # RULER names and FILE.jsonl:METRIC, comma-separated
+  c.eval.lengths = (4096, 8192)  # RULER context lengths in decoder tokens
+  c.eval.baselines = "full,none,rag"  # compared with e2llm on the same decoder; "" = e2llm only
+  c.eval.num_samples = 20  # per task and length (JSONL tasks: the first ones; 0 = all)
+  c.eval.batch_size = 4
+  c.eval.max_new_tokens = 0  # 0 = each task's own budget (RULER's per task)
+  c.eval.rag_budget_tokens = 0  # 0 = as many decoder tokens as e2llm's soft tokens
+  c.eval.step = config_dict.placeholder(int)  # checkpoint step; None = the newest
   return c
 
 
