@@ -5,22 +5,22 @@ Same flags as train.py; evaluates the newest checkpoint in DIR and prints the me
 
 import json
 
-from absl import app
-
-from e2llm_jax import config_utils
+from e2llm_jax import cli, config_utils, preflight
 
 _CONFIG, _WORKDIR = config_utils.define_cli_flags("Run folder holding the checkpoints to evaluate.")
 
 
 def main(argv):
   config_utils.check_no_extra_args(argv)
-  config = _CONFIG.value
+  config, workdir = _CONFIG.value, _WORKDIR.value
   config_utils.maybe_initialize_distributed(config)
+  preflight.check_eval(config, workdir)
+  cli.remove_on_failure(workdir)  # only what this evaluation adds; the run's files stay
   from e2llm_jax.training import loop  # late: config errors above stay fast
 
-  result = loop.evaluate(config, _WORKDIR.value)
+  result = loop.evaluate(config, workdir)
   print(json.dumps(result, indent=2, default=float))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_utils.parse_flags)  # also validates the config
+  cli.run(main, flags_parser=config_utils.parse_flags)  # the parser also validates the config

@@ -1,23 +1,25 @@
 """Training CLI: `python train.py --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
 
-Parses the config, starts multi-process JAX if asked, and calls the library; re-running resumes.
+Parses and checks the config, starts multi-process JAX if asked, and calls the library; re-running
+resumes. Errors a user can fix end with one `error: ...` line (exit 2) and leave DIR as it was.
 """
 
-from absl import app
-
-from e2llm_jax import config_utils
+from e2llm_jax import cli, config_utils, preflight
 
 _CONFIG, _WORKDIR = config_utils.define_cli_flags("Run folder: checkpoints, metrics, config.json.")
 
 
 def main(argv):
   config_utils.check_no_extra_args(argv)
-  config = _CONFIG.value
+  config, workdir = _CONFIG.value, _WORKDIR.value
   config_utils.maybe_initialize_distributed(config)
+  preflight.check_train(config, workdir)
+  # A run that saved a checkpoint can resume, so its files stay even if it fails later.
+  cli.remove_on_failure(workdir, keep=lambda: bool(preflight.saved_steps(workdir)))
   from e2llm_jax.training import loop  # late: config errors above stay fast
 
-  loop.train(config, _WORKDIR.value)
+  loop.train(config, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_utils.parse_flags)  # also validates the config
+  cli.run(main, flags_parser=config_utils.parse_flags)  # the parser also validates the config

@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from e2llm_jax import errors, preflight
+
 # Keys that users, tests and DESIGN.md §4 rely on, with the Python types their values must have.
 # A path is `str` once set; `None` means "not set" (random init, or a paper config awaiting one).
 REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -211,7 +213,7 @@ def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigD
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise one ValueError listing every problem a user can fix in the resolved config."""
+  """Raise one ConfigError (a ValueError) listing every problem a user can fix in the config."""
   problems = []
   for key, expected in REQUIRED_KEYS.items():
     try:
@@ -224,7 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           t.__name__ for t in expected)
       problems.append(f"{key} = {value!r} should be {names}")
   if problems:
-    raise ValueError("Bad config: " + "; ".join(problems) + ".")
+    raise errors.ConfigError("Bad config: " + "; ".join(problems) + ".")
 
   for tower in ("encoder", "decoder"):
     spec = config.model[tower]
@@ -270,8 +272,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f"mesh.shape={shape} and mesh.axes={axes} differ in length")
   if list(shape).count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     problems.append(f"mesh.shape={shape}: sizes must be positive, with at most one -1")
+  problems += preflight.value_problems(config)
   if problems:
-    raise ValueError("Bad config: " + "; ".join(problems) + ".")
+    raise errors.ConfigError("Bad config: " + "; ".join(problems) + ".")
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:
@@ -345,18 +348,18 @@ def define_cli_flags(workdir_help: str):
 
 
 def check_no_extra_args(argv: Sequence[str]) -> None:
-  from absl import app
-
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise errors.ConfigError(f"unexpected arguments {list(argv[1:])}; flags are written "
+                             "--name=value (config values as --config.a.b=value)")
 
 
 def parse_flags(argv: Sequence[str], flag: str = "config") -> list[str]:
-  """absl `flags_parser` for the CLIs: parse, then `validate`; every config error is one clean line.
+  """absl `flags_parser` for the CLIs: parse, then `validate`; every config error is a ConfigError.
 
   config_flags already reports a bad value in one line ("flag --config.train.steps=abc: invalid
   literal for int()"), but a misspelled key surfaces as an AttributeError traceback: we name the
-  override and the nearest key instead. Exits with status 2 before anything heavy is imported.
+  override and the nearest key instead. Runs before anything heavy is imported; `cli.run` prints
+  the error as one line with exit status 2.
   """
   from absl import app
   from absl import flags
@@ -367,22 +370,17 @@ def parse_flags(argv: Sequence[str], flag: str = "config") -> list[str]:
     text = str(error)
     hint = re.search(r'Did you mean "([^"]+)"', text)
     culprit = _failing_override(_overrides(argv, flag), text)
-    message = f"error: {culprit or '--' + flag + ' override'}: no such config key"
+    message = f"{culprit or '--' + flag + ' override'}: no such config key"
     if hint:
       message += f" (did you mean {hint.group(1)!r}?)"
     message += ("; config files define every key (e2llm_jax/config_utils.py: base_config) and "
                 "overrides can only change existing ones")
-    print(message, file=sys.stderr)
-    sys.exit(2)
+    raise errors.ConfigError(message) from None
   # app.run raises an unset verbosity to INFO, which floods the console with Orbax's per-file
   # save logs; setting it here keeps warnings only (`--verbosity=0` brings INFO back).
   if flags.FLAGS["verbosity"].using_default_value:
     flags.FLAGS.verbosity = -1
-  try:
-    validate(flags.FLAGS[flag].value)
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  validate(flags.FLAGS[flag].value)
   return remaining
 
 
