@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from e2llm_jax.models import layers
+from e2llm_jax.models import attention, layers
 
 POOLINGS = ("cls", "mean", "pma")
 
@@ -33,6 +33,9 @@ class EncoderConfig:
   dtype: str = "float32"
   remat: bool = False
   lora_dropout: float = 0.0
+  attention: str = "auto"  # attention.IMPLEMENTATIONS
+  attention_block_q: int = 512  # blockwise kernel: queries and keys per block
+  attention_block_k: int = 512
 
   @property
   def compute_dtype(self):
@@ -54,7 +57,8 @@ class EncoderLayer(nn.Module):
     q = split(dense(cfg.hidden_size, ("embed", "heads"), "query")(x, deterministic))
     k = split(dense(cfg.hidden_size, ("embed", "heads"), "key")(x, deterministic))
     v = split(dense(cfg.hidden_size, ("embed", "heads"), "value")(x, deterministic))
-    attn = layers.attention(q, k, v, mask).reshape(batch, length, cfg.hidden_size)
+    attn = layers.attention(q, k, v, mask, cfg.attention, cfg.attention_block_q,
+                            cfg.attention_block_k).reshape(batch, length, cfg.hidden_size)
     attn = dense(cfg.hidden_size, ("heads", "embed"), "attention_output")(attn, deterministic)
     x = layers.LayerNorm(cfg.layer_norm_eps, name="attention_norm")(x + attn)
     h = layers.activation(cfg.hidden_act)(
@@ -81,7 +85,7 @@ class Encoder(nn.Module):
          + layers.Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), init_std=std,
                         name="token_type_embeddings")(token_type_ids))
     x = layers.LayerNorm(cfg.layer_norm_eps, name="embeddings_norm")(x).astype(cfg.compute_dtype)
-    mask = attention_mask.astype(bool)[:, None, None, :]
+    mask = attention.key_padding_mask(attention_mask)
     layer_cls = EncoderLayer
     if cfg.remat:
       layer_cls = nn.remat(EncoderLayer, static_argnums=(3,),

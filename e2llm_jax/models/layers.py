@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e2llm_jax.models import attention as attention_lib
+
 Dtype = Any
 LORA_COLLECTION = "lora"
 
@@ -115,10 +117,9 @@ class Embed(nn.Module):
     return x @ self.embedding.astype(x.dtype).T
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax attention. q [B,T,N,H], k/v [B,S,K,H] (K divides N), mask bool [B,1|N,T,S].
-
-  `jax.nn.dot_product_attention` keeps logits and softmax in float32 and picks the backend's fused
-  kernel where one exists.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str = "auto",
+              block_q: int = 512, block_k: int = 512) -> jax.Array:
+  """Softmax attention. q [B,T,N,H], k/v [B,S,K,H] (K divides N); `mask` an
+  `attention.AttentionMask` or a dense bool [B,1|N,T,S]. See `attention.attention` for the kernels.
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  return attention_lib.attention(q, k, v, mask, implementation, block_q, block_k)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e2llm_jax.models import layers
+from e2llm_jax.models import attention, layers
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -47,6 +47,9 @@ class DecoderConfig:
   dtype: str = "float32"
   remat: bool = False
   lora_dropout: float = 0.0
+  attention: str = "auto"  # attention.IMPLEMENTATIONS
+  attention_block_q: int = 512  # blockwise kernel: queries and keys per block
+  attention_block_k: int = 512
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
@@ -126,7 +129,8 @@ class Attention(nn.Module):
                                               cache_index, axis=1)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = layers.attention(q, k, v, mask).reshape(batch, length, cfg.num_heads * cfg.head_dim)
+    out = layers.attention(q, k, v, mask, cfg.attention, cfg.attention_block_q,
+                           cfg.attention_block_k).reshape(batch, length, cfg.num_heads * cfg.head_dim)
     return dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(out, deterministic), \
         new_cache
 
@@ -215,19 +219,20 @@ def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) 
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) + jnp.asarray(offset, jnp.int32)[..., None]
 
 
+def visibility(cfg: DecoderConfig, key_mask: jax.Array, query_slots: jax.Array,
+               key_positions: jax.Array, query_positions: jax.Array,
+               aligned: bool = False) -> attention.AttentionMask:
+  """What each query sees, as row vectors: causal over slots, no padded keys, optional sliding
+  window over positions; every query sees its own slot. The kernels build blocks of it as needed."""
+  return attention.AttentionMask(
+      key_valid=key_mask.astype(bool), query_slots=query_slots, query_positions=query_positions,
+      key_positions=key_positions, sliding_window=cfg.sliding_window, aligned=aligned)
+
+
 def attention_mask_matrix(cfg: DecoderConfig, key_mask: jax.Array, query_slots: jax.Array,
                           key_positions: jax.Array, query_positions: jax.Array) -> jax.Array:
-  """Bool [B,1,T,S]: causal over slots, no padded keys, optional sliding window over positions.
-
-  Every query may see its own slot, so rows of padding never hold an empty softmax.
-  """
-  key_slots = jnp.arange(key_mask.shape[-1])
-  causal = key_slots[None, None, :] <= query_slots[:, :, None]
-  allowed = causal & key_mask[:, None, :].astype(bool)
-  if cfg.sliding_window is not None:
-    allowed &= (query_positions[:, :, None] - key_positions[:, None, :]) < cfg.sliding_window
-  allowed |= key_slots[None, None, :] == query_slots[:, :, None]
-  return allowed[:, None, :, :]
+  """Bool [B,1,T,S] of `visibility` (the dense form; memory grows with T·S)."""
+  return visibility(cfg, key_mask, query_slots, key_positions, query_positions).dense()
 
 
 def embed(cfg: DecoderConfig, params: Any, input_ids: jax.Array) -> jax.Array:
@@ -252,7 +257,7 @@ def decoder_forward(cfg: DecoderConfig, params: Any, *, input_ids=None, inputs_e
   if positions is None:
     positions = positions_from_mask(attention_mask)
   slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
-  mask = attention_mask_matrix(cfg, attention_mask, slots, positions, positions)
+  mask = visibility(cfg, attention_mask, slots, positions, positions, aligned=True)
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
   out, _ = Decoder(cfg).apply(variables, inputs_embeds, positions, mask,
                               deterministic=deterministic, return_hidden=return_hidden, rngs=rngs)
@@ -302,7 +307,7 @@ def decoder_step(cfg: DecoderConfig, params: Any, cache: dict, *, input_ids=None
   key_positions = jax.lax.dynamic_update_slice_in_dim(
       cache["key_positions"], positions, index, axis=1)
   slots = jnp.broadcast_to(index + jnp.arange(length), (batch, length))
-  mask = attention_mask_matrix(cfg, key_mask, slots, key_positions, positions)
+  mask = visibility(cfg, key_mask, slots, key_positions, positions)
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
   logits, kv = Decoder(cfg).apply(variables, inputs_embeds, positions, mask,
                                   cache={"k": cache["k"], "v": cache["v"]}, cache_index=index)

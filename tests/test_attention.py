@@ -1,0 +1,157 @@
+"""Attention kernels: the blockwise path gives the dense path's numbers (masks, GQA, window, cache).
+
+Also the per-backend choice and that the blockwise path never holds [T,S] logits.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from e2llm_jax.models import attention, bert, llama
+
+TOL = 1e-5
+
+
+def _qkv(rng, batch, length, keys, heads, kv_heads, head_dim=16):
+  q_rng, k_rng, v_rng = jax.random.split(rng, 3)
+  return (jax.random.normal(q_rng, (batch, length, heads, head_dim)),
+          jax.random.normal(k_rng, (batch, keys, kv_heads, head_dim)),
+          jax.random.normal(v_rng, (batch, keys, kv_heads, head_dim)))
+
+
+def _holey_mask(length, seed=0):
+  """Key masks with padding at the left, the right and in the middle of rows."""
+  rng = np.random.default_rng(seed)
+  mask = (rng.random((2, length)) > 0.3).astype(np.int32)
+  mask[0, :3] = 0
+  mask[1, -4:] = 0
+  mask[:, 5] = 1
+  return jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_blockwise_matches_dense_causal_gqa_padding_window(window):
+  length = 45  # blocks of 16 and 8 leave remainders on both axes
+  q, k, v = _qkv(jax.random.key(0), 2, length, length, heads=6, kv_heads=2)
+  key_mask = _holey_mask(length)
+  slots = jnp.broadcast_to(jnp.arange(length), (2, length))
+  positions = llama.positions_from_mask(key_mask)
+  mask = attention.AttentionMask(key_valid=key_mask.astype(bool), query_slots=slots,
+                                 query_positions=positions, key_positions=positions,
+                                 sliding_window=window, aligned=True)
+  dense = jax.nn.dot_product_attention(q, k, v, mask=mask.dense())
+  blockwise = attention.blockwise_attention(q, k, v, mask, block_q=16, block_k=8)
+  np.testing.assert_allclose(blockwise, dense, atol=TOL, rtol=TOL)
+
+
+def test_blockwise_matches_dense_bidirectional_key_padding():
+  q, k, v = _qkv(jax.random.key(1), 2, 30, 30, heads=4, kv_heads=4)
+  key_mask = _holey_mask(30, seed=1)
+  mask = attention.key_padding_mask(key_mask)
+  dense = jax.nn.dot_product_attention(q, k, v, mask=mask.dense())
+  blockwise = attention.blockwise_attention(q, k, v, mask, block_q=7, block_k=9)
+  np.testing.assert_allclose(blockwise, dense, atol=TOL, rtol=TOL)
+
+
+def test_blockwise_gradients_match_dense():
+  length = 40
+  q, k, v = _qkv(jax.random.key(2), 2, length, length, heads=4, kv_heads=2)
+  key_mask = _holey_mask(length, seed=2)
+  slots = jnp.broadcast_to(jnp.arange(length), (2, length))
+  positions = llama.positions_from_mask(key_mask)
+  mask = attention.AttentionMask(key_valid=key_mask.astype(bool), query_slots=slots,
+                                 query_positions=positions, key_positions=positions)
+  weights = jax.random.normal(jax.random.key(3), q.shape)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+  dense = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask.dense())),
+                   argnums=(0, 1, 2))(q, k, v)
+  blockwise = jax.grad(loss(lambda q, k, v: attention.blockwise_attention(q, k, v, mask, 16, 16)),
+                       argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(blockwise, dense):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _tiny_decoder(kind, window=None):
+  return llama.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=window,
+                             attention=kind, attention_block_q=8, attention_block_k=8)
+
+
+@pytest.fixture(scope="module")
+def decoder_params():
+  return llama.init_params(_tiny_decoder("xla"), jax.random.key(4))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decoder_forward_same_logits_blockwise_and_dense(decoder_params, window):
+  ids = jax.random.randint(jax.random.key(5), (2, 29), 0, 64)
+  mask = _holey_mask(29, seed=3)
+  logits = {kind: llama.decoder_logits(_tiny_decoder(kind, window), decoder_params, input_ids=ids,
+                                       attention_mask=mask)
+            for kind in ("xla", "blockwise")}
+  np.testing.assert_allclose(logits["blockwise"], logits["xla"], atol=TOL, rtol=TOL)
+
+
+def test_cached_prefill_and_decode_same_logits_blockwise_and_dense(decoder_params):
+  ids = jax.random.randint(jax.random.key(6), (2, 21), 0, 64)
+  prompt_mask = _holey_mask(17, seed=4)
+  results = {}
+  for kind in ("xla", "blockwise"):
+    cfg = _tiny_decoder(kind, window=6)
+    cache = llama.init_cache(cfg, 2, 24)
+    prefill, cache = llama.decoder_step(cfg, decoder_params, cache, input_ids=ids[:, :17],
+                                        attention_mask=prompt_mask)
+    steps = []
+    for t in range(17, 21):  # decode one query at a time against the cached keys
+      logits, cache = llama.decoder_step(cfg, decoder_params, cache, input_ids=ids[:, t:t + 1])
+      steps.append(logits)
+    results[kind] = (prefill, jnp.concatenate(steps, axis=1))
+  for got, want in zip(results["blockwise"], results["xla"]):
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
+def test_encoder_same_hidden_blockwise_and_dense():
+  cfg = bert.EncoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+                           intermediate_size=40, max_position_embeddings=40,
+                           attention_block_q=8, attention_block_k=16)
+  params = bert.init_params(cfg, jax.random.key(7))
+  ids = jax.random.randint(jax.random.key(8), (2, 33), 1, 50)
+  mask = _holey_mask(33, seed=5)
+  hidden = {kind: bert.encode(dataclasses.replace(cfg, attention=kind), params, ids, mask)
+            for kind in ("xla", "blockwise")}
+  np.testing.assert_allclose(hidden["blockwise"], hidden["xla"], atol=TOL, rtol=TOL)
+
+
+def test_auto_choice_per_backend_and_shape():
+  mask = attention.key_padding_mask(jnp.ones((1, 4), bool))
+  aligned = attention.AttentionMask(key_valid=jnp.ones((1, 4), bool),
+                                    query_slots=jnp.zeros((1, 4), jnp.int32), aligned=True)
+  assert attention.resolve("auto", 128, 128, jnp.float32, mask, "cpu") == "xla"
+  assert attention.resolve("auto", 8192, 8192, jnp.float32, mask, "cpu") == "blockwise"
+  assert attention.resolve("auto", 1, 8192, jnp.float32, mask, "cpu") == "xla"  # one decode query
+  assert attention.resolve("auto", 8192, 8192, jnp.bfloat16, mask, "gpu") == "cudnn"
+  assert attention.resolve("auto", 8192, 8192, jnp.float32, mask, "gpu") == "blockwise"
+  assert attention.resolve("auto", 8192, 8192, jnp.bfloat16, aligned, "tpu") == "pallas"
+  assert attention.resolve("auto", 8192, 8192, jnp.bfloat16, mask, "tpu") == "blockwise"
+  assert attention.resolve("blockwise", 8, 8, jnp.float32, None, "cpu") == "xla"  # dense mask given
+  with pytest.raises(ValueError, match="model.attention"):
+    attention.resolve("flash", 8, 8, jnp.float32, mask, "cpu")
+
+
+def test_blockwise_never_holds_full_logits():
+  length, heads = 8192, 1
+  q = jax.ShapeDtypeStruct((1, length, heads, 16), jnp.float32)
+  key_valid = jax.ShapeDtypeStruct((1, length), bool)
+  slots = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+  def forward_and_backward(q, key_valid, slots):
+    mask = attention.AttentionMask(key_valid=key_valid, query_slots=slots, aligned=True)
+    loss = lambda q: jnp.sum(attention.blockwise_attention(q, q, q, mask, 256, 256))
+    return jax.grad(loss)(q)
+
+  compiled = jax.jit(forward_and_backward).lower(q, key_valid, slots).compile()
+  full_logits = length * length * heads * 4  # one float32 [T,S]; the dense backward holds several
+  assert compiled.memory_analysis().temp_size_in_bytes < full_logits / 4
