@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.adapter_hidden = 0  # 0 = the decoder's hidden size
   c.model.compute_dtype = "float32"  # float32 | bfloat16
   c.model.remat = False
+  # auto | xla (dense) | blockwise (online softmax, no [T,S]) | cudnn (GPU) | pallas (TPU splash);
+  # auto: dense for short sequences, blockwise for long ones, cudnn on GPU, pallas on TPU.
+  c.model.attention = "auto"
+  c.model.attention_block_q = 512  # blockwise kernel: queries and keys per block
+  c.model.attention_block_k = 512
 
   c.lora = ml_collections.ConfigDict()
   c.lora.encoder_rank = 16  # 0 = no LoRA on that tower
@@ -155,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.shape = (1, -1, 1)  # one entry may be -1 (all remaining devices)
   c.mesh.axes = MESH_AXES
   c.mesh.rules = DEFAULT_RULES
+  # Warn (naming the arrays) when more than this share of frozen parameter bytes stays whole on
+  # every device because no mesh axis divides the dimension its rule would shard.
+  c.mesh.replicated_warn_share = 0.1
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 500

@@ -17,9 +17,11 @@ from e2llm_jax.models import bert, e2llm, llama, lora
 TOWERS = ("encoder", "decoder")
 
 
-def _tower_config(section, tower: str, compute_dtype: str, remat: bool, lora_dropout: float):
-  """(config, numpy params or None) for one tower: pretrained from a path or random-init sizes."""
-  common = dict(dtype=compute_dtype, remat=remat, lora_dropout=lora_dropout)
+def _tower_config(section, tower: str, common: dict):
+  """(config, numpy params or None) for one tower: pretrained from a path or random-init sizes.
+
+  `common`: the run-time numerics both towers take from the config (dtype, remat, attention...).
+  """
   if section.path:
     from e2llm_jax import hf  # import weights only when a path is given
     load = hf.load_encoder if tower == "encoder" else hf.load_decoder
@@ -48,9 +50,12 @@ def model_config(config, encoder_cfg, decoder_cfg) -> e2llm.E2LLMConfig:
 
 def load_model(config) -> tuple[e2llm.E2LLMConfig, dict]:
   """Model config and the pretrained numpy weights of each tower (None where random-init)."""
-  compute, remat, dropout = config.model.compute_dtype, config.model.remat, config.lora.dropout
-  enc_cfg, enc_params = _tower_config(config.model.encoder, "encoder", compute, remat, dropout)
-  dec_cfg, dec_params = _tower_config(config.model.decoder, "decoder", compute, remat, dropout)
+  model = config.model
+  common = dict(dtype=model.compute_dtype, remat=model.remat, lora_dropout=config.lora.dropout,
+                attention=model.attention, attention_block_q=model.attention_block_q,
+                attention_block_k=model.attention_block_k)
+  enc_cfg, enc_params = _tower_config(model.encoder, "encoder", common)
+  dec_cfg, dec_params = _tower_config(model.decoder, "decoder", common)
   return model_config(config, enc_cfg, dec_cfg), {"encoder": enc_params, "decoder": dec_params}
 
 
