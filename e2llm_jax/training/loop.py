@@ -1,24 +1,21 @@
-"""The training loop and held-out evaluation: data → jitted step → metrics, checkpoints, resume.
+"""The training loop: data → jitted step → metrics, checkpoints, periodic held-out evaluation, resume.
 
 `train(config, workdir)` is what train.py runs; re-running it on the same workdir resumes exactly.
 """
 
 import dataclasses
 import pathlib
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from e2llm_jax import checkpoint, config_utils, sharding
 from e2llm_jax.data import passkey, pipeline
-from e2llm_jax.evaluation import metrics
+from e2llm_jax.evaluation import held_out
 from e2llm_jax.models import e2llm
 from e2llm_jax.training import reporting, state as state_lib, step as step_lib
 
 PASSKEY, RECON = "passkey", "recon"
-HELD_OUT_SEED_OFFSET = 1_000_003  # evaluation samples come from a seed no training source uses
 MODEL_ARRAYS = e2llm.BATCH_KEYS + ("chunks_dropped",)
 
 
@@ -46,10 +43,6 @@ class PasskeyData:
   def held_out_batch(self, index: int, size: int) -> dict:
     return self.task.process_batch(self.seed, index, size, jax.process_index(),
                                    jax.process_count(), held_out=True)
-
-  @property
-  def eos_token_id(self) -> int:
-    return passkey.EOS
 
   def get_state(self) -> dict:
     return {"step": self.step}
@@ -143,6 +136,7 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
   config_json = config_utils.to_json_dict(config)
   meta = _base_meta(setup)
   random_frozen = _random_frozen(setup)
+  evaluate = held_out.HeldOutEvaluator(config, setup.model, setup.frozen, mesh, data)
   writer = reporting.MetricsWriter(workdir, total, start_step=start)
   writer.write_config(config)
   log_every = max(int(config.train.log_every), 1)
@@ -166,7 +160,7 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
         writer.write(done, metrics, tokens=tokens)
         tokens = 0
       if config.train.eval_every and done % int(config.train.eval_every) == 0 and done < total:
-        writer.write_eval(done, evaluate_state(config, setup, state, data))
+        writer.write_eval(done, evaluate(state["trainable"]))
       if stop_after is not None and done >= stop_after and done < total:
         return {}
       ckpt.save(done, state, data.get_state(), config_json, meta, frozen=random_frozen,
@@ -174,97 +168,10 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
     setup.state = state
     if int(config.train.eval_examples) <= 0:
       return {}
-    result = evaluate_state(config, setup, state, data)
+    result = evaluate(state["trainable"])
     writer.write_eval(total, result)
     return result
   finally:
     ckpt.close()
     writer.close()
     getattr(data, "close", lambda: None)()
-
-
-def evaluate_state(config, setup: state_lib.TrainSetup, state: dict, data) -> dict:
-  """Held-out instruction examples: teacher-forced answer loss and greedy answers.
-
-  Passkey runs score token-exact matches; text runs score RULER's string match on decoded answers,
-  per task, on samples generated with another seed (and RULER's evaluation question pool).
-  """
-  num = int(config.train.eval_examples)
-  batch_size = min(int(config.train.batch_size), num)
-  model = setup.model
-  eos = getattr(data, "eos_token_id", model.decoder.eos_token_id)
-  max_new = int(config.data.target_tokens)
-  gen = jax.jit(lambda trainable, frozen, batch: e2llm.generate(
-      model, frozen, trainable, batch, max_new, eos))
-  losses = jax.jit(lambda trainable, frozen, batch: e2llm.loss_sums(model, frozen, trainable, batch))
-
-  def run(arrays):
-    sums = jax.device_get(losses(state["trainable"], setup.frozen, arrays))
-    return sums, np.asarray(gen(state["trainable"], setup.frozen, arrays))
-
-  if isinstance(data, PasskeyData):
-    nll = count = exact = 0.0
-    for index in range(max(num // batch_size, 1)):
-      arrays = _model_arrays(data.held_out_batch(index, batch_size))
-      sums, tokens = run(arrays)
-      nll, count = nll + sums["ift_nll"], count + sums["ift_tokens"]
-      length = data.task.value_digits
-      exact += float(np.sum(np.all(tokens[:, :length] == arrays["target_ids"][:, :length], 1)))
-    examples = max(num // batch_size, 1) * batch_size
-    return {"ift_loss": nll / max(count, 1.0), "exact_match": exact / examples,
-            "examples": examples}
-
-  result, nll, count = {}, 0.0, 0.0
-  tokenizer = data.encoder.decoder_tokenizer
-  for task, examples, references in held_out_text_examples(config, data, num):
-    predictions = []
-    for first in range(0, len(examples), batch_size):
-      rows = examples[first:first + batch_size]
-      rows += [rows[-1]] * (batch_size - len(rows))  # static shapes: pad with a repeat
-      arrays = _model_arrays({k: np.stack([r[k] for r in rows]) for k in rows[0]})
-      sums, tokens = run(arrays)
-      nll, count = nll + sums["ift_nll"], count + sums["ift_tokens"]
-      for row in tokens[:min(batch_size, len(examples) - first)]:
-        row = list(row)
-        predictions.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row,
-                                            skip_special_tokens=True))
-    result[f"{task}/score"] = metrics.ruler_score(task, predictions, references)
-    result[f"{task}/example_prediction"] = predictions[0]
-  scores = [v for k, v in result.items() if k.endswith("/score")]
-  result["score"] = float(np.mean(scores)) if scores else 0.0
-  result["ift_loss"] = nll / max(count, 1.0)
-  return result
-
-
-def held_out_text_examples(config, data, num: int):
-  """(task, examples, gold outputs) for each RULER task the run trains on, from unseen samples."""
-  from e2llm_jax.data import builders, ruler
-  names = [n for n in config.data.tasks if n in ruler.TASKS] or ["niah_single_1"]
-  per_task = max(num // len(names), 1)
-  for name in names:
-    length = config.data.ruler_max_seq_length or pipeline.fit_ruler_length(
-        name, data.encoder.chunker, int(config.data.max_chunks), data.encoder.decoder_tokenizer,
-        int(config.seed))
-    samples = ruler.generate(name, int(length), per_task, int(config.seed) + HELD_OUT_SEED_OFFSET,
-                             data.encoder.decoder_tokenizer, question_pool="eval")
-    examples = []
-    for sample in samples:
-      record = builders.decode_record(sample)
-      examples.append(data.encoder.instruction(record["context"], record["prompt"],
-                                               record["answer"], data.template_for(name, record)))
-    yield name, examples, [sample["outputs"] for sample in samples]
-
-
-def evaluate(config, workdir: str) -> dict:
-  """Restore the newest checkpoint of `workdir` and evaluate it on held-out examples."""
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  setup = state_lib.create_train_state(config, mesh)
-  with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", 1, 1 << 30, False) as ckpt:
-    step, data_state = restore_latest(ckpt, setup)
-  if step == 0:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first with "
-                            f"`python train.py --config=... --workdir={workdir}`.")
-  data = make_data(config, setup.model, start_step=int(data_state.get("step", step)))
-  result = evaluate_state(config, setup, setup.state, data)
-  result["step"] = step
-  return result
