@@ -72,6 +72,58 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
   return PartitionSpec(*spec)
 
 
+def kept_whole(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+               rules) -> list[str]:
+  """Mesh axes (of size > 1) that a rule gives a dimension of this array but that do not divide it,
+  as 'axis (size) on dim i (length)' strings; empty when every rule could be followed."""
+  rule_map = dict(normalize_rules(rules))
+  spec = logical_to_spec(logical_axes, shape, mesh, rules)
+  used = {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+  missed = []
+  for dim, (name, size) in enumerate(zip(logical_axes, shape)):
+    for axis in rule_map.get(name, ()) if name is not None else ():
+      if axis in mesh.shape and mesh.shape[axis] > 1 and axis not in used:
+        missed.append(f"{axis} ({mesh.shape[axis]}) on dim {dim} ({size})")
+  return missed
+
+
+def replication_warning(tree: Any, mesh: Mesh, rules, warn_share: float,
+                        listed: int = 8) -> str | None:
+  """A message naming the largest arrays of a boxed tree that stay whole on a mesh axis their rules
+  name because it does not divide them, when they hold more than `warn_share` of the tree's bytes."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_boxed)[0]
+  total, whole = 0, []
+  for path, leaf in leaves:
+    value = leaf.value if _is_boxed(leaf) else leaf
+    size = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+    total += size
+    if _is_boxed(leaf):
+      missed = kept_whole(leaf.names, value.shape, mesh, rules)
+      if missed:
+        whole.append((size, _path_name(path), tuple(value.shape), missed))
+  share = sum(w[0] for w in whole) / max(total, 1)
+  if share <= warn_share:
+    return None
+  whole.sort(key=lambda w: -w[0])
+  names = "; ".join(f"{name} {shape}: {', '.join(missed)}" for _, name, shape, missed in
+                    whole[:listed])
+  more = f"; and {len(whole) - listed} more" if len(whole) > listed else ""
+  return (f"{share:.0%} of parameter bytes ({sum(w[0] for w in whole) / 2**20:.1f} of "
+          f"{total / 2**20:.1f} MiB) stay whole on a mesh axis that does not divide them, so every "
+          f"device on that axis holds a full copy: {names}{more}. Choose mesh.shape so the axes "
+          f"divide these dimensions, or change mesh.rules (threshold: mesh.replicated_warn_share).")
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+
+
+def warn_replicated(tree: Any, mesh: Mesh, rules, warn_share: float) -> None:
+  message = replication_warning(tree, mesh, rules, warn_share)
+  if message:
+    logging.warning(message)
+
+
 def _is_boxed(x) -> bool:
   return isinstance(x, nn.Partitioned)
 

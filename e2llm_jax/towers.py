@@ -94,14 +94,18 @@ def _place(numpy_tree, abstract, shardings):
 
 
 def frozen_towers(cfg: e2llm.E2LLMConfig, numpy_weights: dict, mesh, rules, rng: jax.Array,
-                  with_weights: bool = True) -> tuple[dict, Any]:
+                  with_weights: bool = True, replicated_warn_share: float = 1.0
+                  ) -> tuple[dict, Any]:
   """(frozen towers, their shardings) on `mesh`.
 
   Pretrained weights stream into their shards; random-init towers are created already sharded by a
   jitted init, or left abstract with `with_weights=False` (for a restore that brings its own).
+  Warns when more than `replicated_warn_share` of their bytes stay whole on an axis that does not
+  divide them.
   """
   boxed = jax.eval_shape(_boxed_frozen_init(cfg), rng)
   shardings = sharding.shardings_for(boxed, mesh, rules)
+  sharding.warn_replicated(boxed, mesh, rules, replicated_warn_share)
   abstract = nn.meta.unbox(boxed)
   frozen = {}
   for tower in TOWERS:

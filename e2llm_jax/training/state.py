@@ -73,8 +73,9 @@ def create_train_state(config, mesh, *, with_weights: bool = True) -> TrainSetup
   cfg, numpy_weights = towers.load_model(config)
   rng = jax.random.key(config.seed)
   frozen_rng, trainable_rng, step_rng = jax.random.split(rng, 3)
-  frozen, frozen_shardings = towers.frozen_towers(cfg, numpy_weights, mesh, rules, frozen_rng,
-                                                  with_weights)
+  frozen, frozen_shardings = towers.frozen_towers(
+      cfg, numpy_weights, mesh, rules, frozen_rng, with_weights,
+      replicated_warn_share=float(config.mesh.replicated_warn_share))
   abstract_frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
   abstract_trainable, trainable_shardings = towers.trainable_layout(cfg, abstract_frozen, mesh,
                                                                     rules, trainable_rng)
