@@ -5,13 +5,13 @@ Tensors are dequantized to float32; Llama q/k rows are unpermuted back into HF o
 
 import functools
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from e2llm_jax.hf.configs import first_id
 from e2llm_jax.hf.safetensors_io import existing_path
-from e2llm_jax.hf.weight_names import (assemble, check_names_and_shapes, decoder_weight_map,
+from e2llm_jax.hf.weight_names import (check_names_and_shapes, decoder_weight_map,
                                        hf_name_from_gguf, llama_cpp_rope_unpermute)
 from e2llm_jax.models.llama import DecoderConfig
 
@@ -89,7 +89,8 @@ def decoder_config_from_gguf(reader, source: str = "GGUF") -> DecoderConfig:
       model_type=arch)
 
 
-def load_gguf_decoder(path: pathlib.Path, dtype: np.dtype) -> tuple[DecoderConfig, dict]:
+def gguf_tensor_reader(path: pathlib.Path) -> tuple[DecoderConfig, Callable[[str], np.ndarray]]:
+  """(DecoderConfig, read): `read(hf_name)` dequantizes one tensor into HF layout (float32)."""
   import gguf
   reader = gguf_reader(path)
   cfg = decoder_config_from_gguf(reader, str(path))
@@ -117,4 +118,4 @@ def load_gguf_decoder(path: pathlib.Path, dtype: np.dtype) -> tuple[DecoderConfi
       array = llama_cpp_rope_unpermute(array, cfg.num_kv_heads)
     return array
 
-  return cfg, assemble(weight_map, read, dtype)
+  return cfg, read

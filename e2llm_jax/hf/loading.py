@@ -4,18 +4,46 @@ Dispatches to safetensors_io or gguf; arrays come back as numpy, Dense kernels [
 """
 
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from e2llm_jax.hf.configs import decoder_config_from_hf, encoder_config_from_hf
-from e2llm_jax.hf.gguf import load_gguf_decoder
-from e2llm_jax.hf.safetensors_io import (CONFIG_FILE, existing_path, load_safetensors_tower,
-                                         read_config)
-from e2llm_jax.hf.weight_names import (bert_renamer, causal_lm_renamer, decoder_weight_map,
-                                       encoder_weight_map)
+from e2llm_jax.hf.gguf import gguf_tensor_reader
+from e2llm_jax.hf.safetensors_io import (CONFIG_FILE, existing_path, read_config,
+                                         safetensors_tensor_reader)
+from e2llm_jax.hf.weight_names import (assemble, bert_renamer, causal_lm_renamer,
+                                       decoder_weight_map, encoder_weight_map)
 from e2llm_jax.models.bert import EncoderConfig
 from e2llm_jax.models.llama import DecoderConfig
+
+
+def encoder_tensor_reader(path: str | pathlib.Path
+                          ) -> tuple[EncoderConfig, Callable[[str], np.ndarray]]:
+  """(EncoderConfig, read): `read(hf_name)` gives one `BertModel` tensor in HF layout, as stored."""
+  folder = existing_path(path, "Encoder")
+  if folder.is_file():
+    raise ValueError(f"Encoder path {str(folder)!r} is a file; pass the Hugging Face model folder "
+                     "(config.json + model.safetensors). GGUF is read for decoders only.")
+  cfg = encoder_config_from_hf(read_config(folder), str(folder / CONFIG_FILE))
+  return cfg, safetensors_tensor_reader(folder, encoder_weight_map(cfg), bert_renamer,
+                                        "BERT encoder")
+
+
+def decoder_tensor_reader(path: str | pathlib.Path
+                          ) -> tuple[DecoderConfig, Callable[[str], np.ndarray]]:
+  """(DecoderConfig, read): `read(hf_name)` gives one causal-LM tensor in HF layout (GGUF: float32)."""
+  path = existing_path(path, "Decoder")
+  if path.is_file():
+    if path.suffix != ".gguf":
+      raise ValueError(f"Decoder path {str(path)!r} is a file but not a .gguf; pass a Hugging Face "
+                       "model folder (config.json + model.safetensors) or a .gguf file.")
+    return gguf_tensor_reader(path)
+  cfg = decoder_config_from_hf(read_config(path), str(path / CONFIG_FILE))
+  return cfg, safetensors_tensor_reader(path, decoder_weight_map(cfg),
+                                        lambda names: causal_lm_renamer(names, cfg),
+                                        f"{cfg.model_type} decoder")
 
 
 def load_encoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[EncoderConfig, dict]:
@@ -24,14 +52,8 @@ def load_encoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[Enco
   Accepts `BertModel` and `BertForX` checkpoints (`bert.` prefix); the pooler, task heads and the
   `position_ids` buffer are skipped. Arrays are numpy in `dtype`, Dense kernels [in, out].
   """
-  folder = existing_path(path, "Encoder")
-  if folder.is_file():
-    raise ValueError(f"Encoder path {str(folder)!r} is a file; pass the Hugging Face model folder "
-                     "(config.json + model.safetensors). GGUF is read for decoders only.")
-  cfg = encoder_config_from_hf(read_config(folder), str(folder / CONFIG_FILE))
-  params = load_safetensors_tower(folder, encoder_weight_map(cfg), bert_renamer,
-                                   jnp.dtype(dtype), "BERT encoder")
-  return cfg, params
+  cfg, read = encoder_tensor_reader(path)
+  return cfg, assemble(encoder_weight_map(cfg), read, jnp.dtype(dtype))
 
 
 def load_decoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[DecoderConfig, dict]:
@@ -39,14 +61,5 @@ def load_decoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[Deco
 
   GGUF tensors are dequantized to float32 (then cast to `dtype`). Arrays are numpy, kernels [in, out].
   """
-  path = existing_path(path, "Decoder")
-  if path.is_file():
-    if path.suffix != ".gguf":
-      raise ValueError(f"Decoder path {str(path)!r} is a file but not a .gguf; pass a Hugging Face "
-                       "model folder (config.json + model.safetensors) or a .gguf file.")
-    return load_gguf_decoder(path, jnp.dtype(dtype))
-  cfg = decoder_config_from_hf(read_config(path), str(path / CONFIG_FILE))
-  params = load_safetensors_tower(path, decoder_weight_map(cfg),
-                                   lambda names: causal_lm_renamer(names, cfg),
-                                   jnp.dtype(dtype), f"{cfg.model_type} decoder")
-  return cfg, params
+  cfg, read = decoder_tensor_reader(path)
+  return cfg, assemble(decoder_weight_map(cfg), read, jnp.dtype(dtype))

@@ -5,12 +5,12 @@ Owns the folder layout names (config.json, model.safetensors, the shard index).
 
 import json
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
-from e2llm_jax.hf.weight_names import WeightSpec, assemble, check_names_and_shapes, renamed_keys
+from e2llm_jax.hf.weight_names import WeightSpec, check_names_and_shapes, renamed_keys
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -104,12 +104,101 @@ class SafetensorsCheckpoint:
     return raw.view(dtype).reshape(header[name]["shape"])
 
 
-def load_safetensors_tower(folder: pathlib.Path, weight_map: dict[str, WeightSpec],
-                            renamer_for: Callable[[list[str]], Callable[[str], str | None]],
-                            dtype: Any, what: str) -> dict:
+def safetensors_tensor_reader(folder: pathlib.Path, weight_map: dict[str, WeightSpec],
+                              renamer_for: Callable[[list[str]], Callable[[str], str | None]],
+                              what: str) -> Callable[[str], np.ndarray]:
+  """`read(hf_name)`: one tensor of the folder, as stored, after checking every name and shape."""
   checkpoint = SafetensorsCheckpoint(safetensors_files(folder))
   file_shapes = checkpoint.shapes()
   names = renamed_keys(file_shapes, renamer_for(list(file_shapes)))
   check_names_and_shapes(weight_map, {ours: file_shapes[theirs] for ours, theirs in names.items()},
-                          folder, what)
-  return assemble(weight_map, lambda name: checkpoint.read(names[name]), dtype)
+                         folder, what)
+  return lambda name: checkpoint.read(names[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: shards planned from names and shapes, each tensor streamed in when its turn comes.
+
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+                      "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
+# The format pads its JSON header with spaces to a multiple of this many bytes.
+HEADER_ALIGNMENT = 8
+
+
+class TensorPlan(NamedTuple):
+  """One tensor to write: its name, shape and numpy dtype (the data comes later, from a callback)."""
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def plan_shards(plans: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
+  """Consecutive groups of at most `max_shard_bytes` (a bigger tensor gets a shard of its own)."""
+  shards, current, size = [], [], 0
+  for plan in plans:
+    if current and size + plan.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = [], 0
+    current.append(plan)
+    size += plan.nbytes
+  return shards + [current] if current or not shards else shards
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+  """transformers' names: model.safetensors, or model-0000i-of-0000n.safetensors when sharded."""
+  if num_shards == 1:
+    return [SAFETENSORS_FILE]
+  return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def _header_bytes(plans: list[TensorPlan], metadata: dict[str, str]) -> bytes:
+  header: dict[str, Any] = {"__metadata__": metadata}
+  offset = 0
+  for plan in plans:
+    dtype_name = np.dtype(plan.dtype).name
+    if dtype_name not in SAFETENSORS_DTYPES:
+      raise ValueError(f"Tensor {plan.name!r} has dtype {dtype_name}, which safetensors cannot hold.")
+    header[plan.name] = {"dtype": SAFETENSORS_DTYPES[dtype_name], "shape": list(plan.shape),
+                         "data_offsets": [offset, offset + plan.nbytes]}
+    offset += plan.nbytes
+  encoded = json.dumps(header, separators=(",", ":")).encode()
+  encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
+  return len(encoded).to_bytes(8, "little") + encoded
+
+
+def write_safetensors(folder: pathlib.Path, plans: list[TensorPlan],
+                      produce: Callable[[str], np.ndarray],
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      metadata: dict[str, str] | None = None) -> list[str]:
+  """Write `plans` as an HF safetensors checkpoint in `folder`; returns the file names written.
+
+  `produce(name)` is called once per tensor, in order, and its array is written and dropped before
+  the next call, so memory holds one tensor at a time whatever the model size. Several shards get
+  a `model.safetensors.index.json`, as transformers writes it.
+  """
+  metadata = {"format": "pt", **(metadata or {})}
+  shards = plan_shards(plans, max_shard_bytes)
+  names = shard_file_names(len(shards))
+  for file_name, shard in zip(names, shards):
+    with open(folder / file_name, "wb") as f:
+      f.write(_header_bytes(shard, metadata))
+      for plan in shard:
+        array = np.asarray(produce(plan.name))
+        if array.shape != tuple(plan.shape) or array.dtype != np.dtype(plan.dtype):
+          raise ValueError(f"Tensor {plan.name!r} came as {array.dtype}{list(array.shape)}, planned "
+                           f"as {np.dtype(plan.dtype)}{list(plan.shape)}.")
+        f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # no copy
+        del array
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(p.nbytes for p in plans)},
+             "weight_map": {p.name: file_name for file_name, shard in zip(names, shards)
+                            for p in shard}}
+    with open(folder / SAFETENSORS_INDEX_FILE, "w") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+  return names
