@@ -1,20 +1,25 @@
 """Checkpoints: Orbax manager for train state, data state, config and meta, restorable on any mesh.
 
 Frozen pretrained weights are not saved; `meta` holds their fingerprints and a restore checks them.
+A damaged newest step is reported, set aside, and the previous complete one is used.
 """
 
 import hashlib
 import os
 import pathlib
+import sys
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
+from e2llm_jax import errors
+
 # What one step directory holds. `frozen` exists only for random-init base weights (no path).
 STATE, DATA, CONFIG, META, FROZEN = "state", "data", "config", "meta", "frozen"
 ITEM_NAMES = (STATE, DATA, CONFIG, META, FROZEN)
 
+DAMAGED_SUFFIX = ".damaged"  # a set-aside step folder: not a step name, so Orbax ignores it
 # Bytes hashed from each end of a weight file: enough to catch another checkpoint of the same
 # architecture (headers and the first/last tensors differ) while staying fast on 15 GB folders.
 FINGERPRINT_EDGE_BYTES = 1 << 20
@@ -82,7 +87,7 @@ def check_fingerprints(saved_meta: Mapping[str, Any], current_meta: Mapping[str,
     problems.append(f"{name}: the checkpoint was trained on {describe(before)}, "
                     f"model.{name}.path now gives {describe(now)}")
   if problems:
-    raise ValueError(
+    raise errors.WeightsError(
         "Base weights differ from the ones this checkpoint was trained on, so its LoRA and "
         "adapter would silently give garbage. " + "; ".join(problems) + ". Fix: point "
         "model.<tower>.path back at the original weights, or start a new workdir.")
@@ -104,9 +109,9 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """{"opt_state.0.mu.w": shape}: leaf names as Orbax writes them, for abstract and saved trees."""
-  return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+  """{"opt_state.0.mu.w": (shape, dtype)}: leaf names as Orbax writes them, abstract and saved."""
+  return {".".join(_key_name(k) for k in path): (tuple(leaf.shape), str(getattr(leaf, "dtype", "")))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -114,7 +119,8 @@ def _layout_mismatches(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
   problems = [f"{name} is missing from the checkpoint" for name in sorted(set(wanted) - set(saved))]
   problems += [f"{name} is in the checkpoint but not in the current state"
                for name in sorted(set(saved) - set(wanted))]
-  problems += [f"{name} is {saved[name]} on disk but {wanted[name]} now"
+  problems += [f"{name} is {' '.join(map(str, saved[name]))} on disk but "
+               f"{' '.join(map(str, wanted[name]))} now"
                for name in sorted(set(saved) & set(wanted)) if saved[name] != wanted[name]]
   return problems[:limit] + ([f"and {len(problems) - limit} more"] if len(problems) > limit else [])
 
@@ -124,7 +130,8 @@ class Checkpointer:
 
   Writes are atomic: Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames the folder only
   once every host has finished, so a crash mid-save never leaves a step that looks complete
-  (`latest_step` ignores the tmp folders). All processes must call `save` and `restore`.
+  (`latest_step` ignores the tmp folders, and a new manager removes them). Old steps beyond `keep`
+  are deleted only after the newer step is complete. All processes must call `save` and `restore`.
   """
 
   def __init__(self, directory: str | os.PathLike, every_steps: int, keep: int,
@@ -134,7 +141,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True),
         # Handlers up front, so a fresh manager (a resumed run) can read metadata before restoring.
         item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
                        CONFIG: ocp.JsonCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
@@ -186,21 +194,91 @@ class Checkpointer:
     problems = _layout_mismatches(_leaf_shapes(getattr(saved_state, "tree", saved_state)),
                                   _leaf_shapes(abstract_state))
     if problems:
-      raise ValueError(self._mismatch_message(step, "; ".join(problems)))
+      raise errors.CheckpointError(self._mismatch_message(step, "; ".join(problems)))
     items = {STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore(),
              CONFIG: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}
     if abstract_frozen is not None:
       _require_target_shardings(abstract_frozen, "abstract_frozen")
       if not self.has_frozen(step):
-        raise ValueError(f"Checkpoint step {step} in {self.directory} holds no base weights: it "
+        raise errors.CheckpointError(f"Checkpoint step {step} in {self.directory} holds no base weights: it "
                          "was trained on weights from model.*.path. Set those paths again.")
       items[FROZEN] = ocp.args.StandardRestore(abstract_frozen)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except ValueError as error:
-      raise ValueError(self._mismatch_message(step, f"Orbax: {error}")) from error
+    # Names, shapes and dtypes matched above, so a failure to read now means damaged files.
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     frozen = restored[FROZEN] if abstract_frozen is not None else None
     return restored[STATE], restored[DATA], restored[CONFIG], restored[META], frozen
+
+  def restore_params(self, step: int, abstract_trainable: Any, abstract_frozen: Any = None
+                     ) -> tuple[Any, dict, Any]:
+    """`(trainable, meta, frozen)` of `step` for inference: the optimizer state is never read.
+
+    Abstract trees as in `restore`; `frozen` is None unless `abstract_frozen` is given.
+    """
+    _require_target_shardings(abstract_trainable, "abstract_trainable")
+    saved_state = self._manager.item_metadata(step)[STATE]
+    saved_state = getattr(saved_state, "tree", saved_state)
+    problems = _layout_mismatches(_leaf_shapes(saved_state["trainable"]),
+                                  _leaf_shapes(abstract_trainable))
+    if problems:
+      raise errors.CheckpointError(self._mismatch_message(step, "; ".join(problems)))
+    target = {"trainable": abstract_trainable}
+    # The state item read alone, partially: a standard restore would need the optimizer's layout.
+    with ocp.PyTreeCheckpointer() as reader:
+      state = reader.restore(
+          self.directory / str(step) / STATE,
+          args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+    items = {META: ocp.args.JsonRestore()}
+    if abstract_frozen is not None:
+      _require_target_shardings(abstract_frozen, "abstract_frozen")
+      if not self.has_frozen(step):
+        raise errors.CheckpointError(f"Checkpoint step {step} in {self.directory} holds no base weights: it "
+                         "was trained on weights from model.*.path. Set those paths again.")
+      items[FROZEN] = ocp.args.StandardRestore(abstract_frozen)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    frozen = restored[FROZEN] if abstract_frozen is not None else None
+    return state["trainable"], restored[META], frozen
+
+  def restore_newest(self, abstract_state: Any, abstract_frozen: Any = None
+                     ) -> tuple[int, Any, dict, dict, dict, Any] | None:
+    """`(step, *restore(step))` of the newest readable step, or None when there is none.
+
+    A step whose files are truncated or missing is named on stderr, renamed to
+    `<step>.damaged` (kept for inspection; training saves that step again), and the previous one
+    is tried. A step that does not fit the current state (CheckpointError) stops: older steps
+    would not fit either.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return (step, *self.restore(step, abstract_state, abstract_frozen))
+      except errors.UserError:
+        raise
+      except Exception as error:  # pylint: disable=broad-except  # any read failure is damage
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        aside = self._set_aside(step)
+        damaged.append(step)
+        print(f"warning: checkpoint step {step} in {self.directory} is damaged ({reason}); "
+              f"moved to {aside.name}, trying the previous step", file=sys.stderr, flush=True)
+    if damaged:
+      raise errors.CheckpointError(
+          f"every checkpoint in {self.directory} is damaged (steps {damaged}, now *{DAMAGED_SUFFIX}"
+          "); delete the workdir to start over, or restore the checkpoints from a backup")
+    return None
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    """Rename a damaged step folder so it is no longer a step; returns the new path."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}{DAMAGED_SUFFIX}"
+    index = 1
+    while target.exists():
+      target = self.directory / f"{step}{DAMAGED_SUFFIX}.{index}"
+      index += 1
+    if jax.process_index() == 0:
+      source.rename(target)
+    self._manager.reload()
+    return target
 
   def _mismatch_message(self, step: int, details: str) -> str:
     return (f"Checkpoint step {step} in {self.directory} does not fit the current train state "
