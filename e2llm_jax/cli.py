@@ -101,8 +101,9 @@ def user_message(error: BaseException) -> str | None:
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
   del frame
-  raise errors.Interrupted(signum, f"stopped by {signal.Signals(signum).name} before anything "
-                                   "was saved; re-run the command to start again")
+  raise errors.Interrupted(signum, f"stopped by {signal.Signals(signum).name}; re-run the same "
+                                   "command to continue (training resumes from its newest "
+                                   "checkpoint)")
 
 
 def call(function: Callable[..., Any], *args: Any) -> Any:
@@ -113,8 +114,8 @@ def call(function: Callable[..., Any], *args: Any) -> Any:
     raise
   except KeyboardInterrupt:
     _clean_up()
-    print("error: interrupted (Ctrl-C) before anything was saved; re-run the command to start "
-          "again", file=sys.stderr)
+    print("error: interrupted (Ctrl-C); re-run the same command to continue (training resumes "
+          "from its newest checkpoint)", file=sys.stderr)
     sys.exit(128 + signal.SIGINT)
   except errors.Interrupted as stop:
     _clean_up()

@@ -5,11 +5,14 @@
 
 import dataclasses
 import pathlib
+import signal
+import sys
+import threading
 
 import jax
 import numpy as np
 
-from e2llm_jax import checkpoint, config_utils, sharding
+from e2llm_jax import checkpoint, config_utils, errors, sharding
 from e2llm_jax.data import passkey, pipeline
 from e2llm_jax.evaluation import held_out
 from e2llm_jax.models import e2llm
@@ -19,8 +22,49 @@ PASSKEY, RECON = "passkey", "recon"
 MODEL_ARRAYS = e2llm.BATCH_KEYS + ("chunks_dropped",)
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """Training diverged; the message names the intact checkpoint and the settings to change."""
+
+
+class StopRequest:
+  """SIGINT / SIGTERM during training, remembered so the loop can save after the current step.
+
+  Single-process runs only: on a pod the hosts would see the signal at different steps, so there
+  Orbax's pre-emption sync point (`Checkpointer.should_save`) decides the step. A second signal
+  stops at once.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict = {}
+
+  def install(self) -> "StopRequest":
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum: int, frame) -> None:
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f"{signal.Signals(signum).name}: saving a checkpoint after the current step (send it "
+          "again to stop at once)", file=sys.stderr, flush=True)
+
+  def uninstall(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+
+def _stop_now(ckpt: checkpoint.Checkpointer, signum: int, step: int, save) -> errors.Interrupted:
+  """Save `step` (unless it is saved), wait until it is on disk, and say where it is."""
+  save()
+  ckpt.wait()
+  return errors.Interrupted(
+      signum, f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+      f"{ckpt.directory / str(step)}; re-run the same command to resume")
 
 
 @dataclasses.dataclass
@@ -99,15 +143,18 @@ def _random_frozen(setup: state_lib.TrainSetup):
 
 
 def restore_latest(ckpt: checkpoint.Checkpointer, setup: state_lib.TrainSetup) -> tuple[int, dict]:
-  """Load the newest checkpoint into `setup` (on its mesh); returns (step, data state)."""
-  step = ckpt.latest_step()
-  if step is None:
-    return 0, {"step": 0}
+  """Load the newest readable checkpoint into `setup` (on its mesh); returns (step, data state).
+
+  A damaged newest step is reported and set aside, and the one before it is used.
+  """
   abstract_state = sharding.abstract_with_shardings(setup.state, setup.state_shardings)
   random = _random_frozen(setup)
   abstract_frozen = None if random is None else sharding.abstract_with_shardings(
       random, {k: setup.frozen_shardings[k] for k in random})
-  state, data_state, _, meta, frozen = ckpt.restore(step, abstract_state, abstract_frozen)
+  found = ckpt.restore_newest(abstract_state, abstract_frozen)
+  if found is None:
+    return 0, {"step": 0}
+  step, state, data_state, _, meta, frozen = found
   checkpoint.check_fingerprints(meta, _base_meta(setup))
   setup.state = state
   if frozen is not None:
@@ -142,6 +189,7 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
   log_every = max(int(config.train.log_every), 1)
   tokens = 0
   state = setup.state
+  stop = StopRequest().install()
   try:
     for step in range(start, total):
       batch = _global(first_batch if step == start else _model_arrays(next(data)),
@@ -163,6 +211,9 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
         writer.write_eval(done, evaluate(state["trainable"]))
       if stop_after is not None and done >= stop_after and done < total:
         return {}
+      if stop.signum is not None:
+        raise _stop_now(ckpt, stop.signum, done, lambda: ckpt.save(
+            done, state, data.get_state(), config_json, meta, frozen=random_frozen, force=True))
       ckpt.save(done, state, data.get_state(), config_json, meta, frozen=random_frozen,
                 force=done == total)
     setup.state = state
@@ -172,6 +223,7 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
     writer.write_eval(total, result)
     return result
   finally:
+    stop.uninstall()
     ckpt.close()
     writer.close()
     getattr(data, "close", lambda: None)()
