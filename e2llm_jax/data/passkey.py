@@ -7,12 +7,13 @@ import dataclasses
 
 import numpy as np
 
-from e2llm_jax.models.e2llm import TASK_IFT, TASK_RECON
+from e2llm_jax.data.tasks import TASK_INSTRUCTION as TASK_IFT, TASK_RECONSTRUCTION as TASK_RECON
 
 PAD, BOS, EOS, KEY_MARK, QUERY_MARK = 0, 1, 2, 3, 4
 KEY_BASE, NUM_KEYS_MAX = 10, 16
 DIGIT_BASE = 26  # value symbols take ids [DIGIT_BASE, DIGIT_BASE + value_vocab)
 HELD_OUT_SALT = 7_777_777  # a seed stream no training step draws from
+PASSKEY, RECON = "passkey", "recon"  # the task names of a passkey run's data.tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,3 +113,21 @@ class PasskeyTask:
     batch = self.global_batch(seed, step, batch_size, held_out)
     return {k: v[process_index * per_process:(process_index + 1) * per_process]
             for k, v in batch.items()}
+
+
+def is_passkey_run(config) -> bool:
+  """A run whose data.tasks are passkey (with or without recon): random towers, token ids only."""
+  return set(config.data.tasks) <= {PASSKEY, RECON} and PASSKEY in config.data.tasks
+
+
+def task_from_config(config, vocab_size: int) -> PasskeyTask:
+  """The passkey task of a run's `config.data`, in ids below `vocab_size` (shared by both towers)."""
+  weights = dict(config.data.tasks)
+  total = sum(weights.values())
+  return PasskeyTask(
+      vocab_size=vocab_size, num_chunks=config.data.max_chunks, chunk_tokens=config.data.chunk_tokens,
+      value_digits=config.data.passkey.value_digits, value_vocab=config.data.passkey.value_vocab,
+      num_keys=config.data.passkey.num_keys,
+      needle_at_chunk_start=config.data.passkey.needle_at_chunk_start,
+      recon_fraction=weights.get(RECON, 0.0) / total, recon_window=config.data.recon_window,
+      target_tokens=config.data.target_tokens)

@@ -119,7 +119,8 @@ class RagPredictor(_TextPredictor):
   """The chunks most similar to the question (encoder mean-pooled cosine), as text in document order.
 
   Budget: `budget_tokens` decoder tokens if given, else as many as E2LLM's soft tokens for the same
-  context (chunks × `soft_tokens_per_chunk`), so both read the same number of decoder positions.
+  context (chunks × `soft_tokens_per_chunk`), so both read the same number of decoder positions; the
+  best chunk is always given, even where it alone is over the budget (the row's ratio shows it).
   """
   name = "rag"
 
@@ -143,7 +144,7 @@ class RagPredictor(_TextPredictor):
     chosen, used = [], 0
     for index in np.argsort(-similarity, kind="stable"):
       size = count_tokens(tokenizer, chunks[index])
-      if used + size > budget:
+      if chosen and used + size > budget:
         continue  # a smaller chunk further down may still fit
       chosen.append(int(index))
       used += size

@@ -182,8 +182,8 @@ def parse_tasks(spec: str, tokenizer: Any, seed: int, max_new_tokens: int = 0) -
   """`eval.tasks`: comma-separated RULER task names (scored with RULER's metric) and `FILE.jsonl:METRIC`."""
   tasks = []
   for item in filter(None, (part.strip() for part in spec.split(","))):
-    name, _, metric = item.rpartition(":") if item.count(":") else (item, "", "")
-    if name in ruler.TASKS:
+    name, _, metric = item.rpartition(":") if ":" in item else (item, "", "")
+    if ":" in item and name in ruler.TASKS:
       raise ValueError(f"eval.tasks: RULER task {name!r} takes no metric (RULER scores it with "
                        f"{metrics.ruler_metric_name(name)!r}); write {name!r} alone.")
     if item in ruler.TASKS:

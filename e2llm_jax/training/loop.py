@@ -18,7 +18,6 @@ from e2llm_jax.evaluation import held_out
 from e2llm_jax.models import e2llm
 from e2llm_jax.training import reporting, state as state_lib, step as step_lib
 
-PASSKEY, RECON = "passkey", "recon"
 MODEL_ARRAYS = e2llm.BATCH_KEYS + ("chunks_dropped",)
 
 
@@ -95,26 +94,13 @@ class PasskeyData:
     self.step = int(state["step"])
 
 
-def _is_passkey_run(config) -> bool:
-  return set(config.data.tasks) <= {PASSKEY, RECON} and PASSKEY in config.data.tasks
-
-
 def passkey_task(config, model: e2llm.E2LLMConfig) -> passkey.PasskeyTask:
-  weights = dict(config.data.tasks)
-  total = sum(weights.values())
-  return passkey.PasskeyTask(
-      vocab_size=min(model.encoder.vocab_size, model.decoder.vocab_size),
-      num_chunks=config.data.max_chunks, chunk_tokens=config.data.chunk_tokens,
-      value_digits=config.data.passkey.value_digits, value_vocab=config.data.passkey.value_vocab,
-      num_keys=config.data.passkey.num_keys,
-      needle_at_chunk_start=config.data.passkey.needle_at_chunk_start,
-      recon_fraction=weights.get(RECON, 0.0) / total, recon_window=config.data.recon_window,
-      target_tokens=config.data.target_tokens)
+  return passkey.task_from_config(config, min(model.encoder.vocab_size, model.decoder.vocab_size))
 
 
 def make_data(config, model: e2llm.E2LLMConfig, start_step: int = 0):
   """The run's data source: token-level passkey for random towers, else the text pipeline."""
-  if _is_passkey_run(config):
+  if passkey.is_passkey_run(config):
     task = passkey_task(config, model)
     return PasskeyData(task, int(config.seed), int(config.train.batch_size), start_step)
   from e2llm_jax import hf
