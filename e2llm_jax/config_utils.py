@@ -142,6 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.overlong_policy = "head_tail"  # more than max_chunks: head_tail | head | tail | error
   c.data.skip_bad_lines = False  # malformed JSONL lines: False = stop with the line number
   c.data.data_dir = config_dict.placeholder(str)  # TFDS / JSONL root; None = generate offline
+  # Task → its JSONL file(s), comma-separated (LongBench / SCROLLS / plain layouts), built once
+  # into the TFDS dataset jsonl/<task> under data_dir.
+  c.data.jsonl_files = ml_collections.ConfigDict()
   c.data.recon_sources = ()  # tasks whose contexts feed `recon` examples; () = all other tasks
   c.data.templates = ml_collections.ConfigDict()  # task → prompt template name or literal text
   c.data.tfds_names = ml_collections.ConfigDict()  # task → TFDS name under data_dir (default: task)

@@ -204,12 +204,39 @@ def check_data(config) -> None:
           "recon} only")
   from e2llm_jax.data import ruler  # light: the generator's tables only
 
-  unknown = [n for n in text_tasks if n not in ruler.TASKS]
+  jsonl_files = dict(data.jsonl_files)
+  if jsonl_files:
+    check_jsonl(config, jsonl_files)
+  unknown = [n for n in text_tasks if n not in ruler.TASKS and n not in jsonl_files]
   if unknown and data.data_dir is None:
     raise errors.DataError(
         f"data.tasks names {unknown}, which are neither passkey, recon nor RULER tasks (e.g. "
         f"{sorted(ruler.TASKS)[:3]}), so they must be TFDS datasets: set data.data_dir to the "
         "folder they were built in")
+
+
+def check_jsonl(config, jsonl_files: dict) -> None:
+  """JSONL files exist and read cleanly: they are built into TFDS datasets here, once, so a bad
+  line (or encoding) is reported with its file and line before any weights load."""
+  data = config.data
+  if data.data_dir is None:
+    raise errors.ConfigError(f"data.jsonl_files names {sorted(jsonl_files)} but data.data_dir is "
+                             "not set; set it to a folder where their datasets can be built")
+  used = set(data.tasks) | set(data.recon_sources)
+  for task, paths in jsonl_files.items():
+    key = f"data.jsonl_files.{task}"
+    if task not in used:
+      raise errors.ConfigError(f"{key} is set but data.tasks has no task {task!r}; add it to "
+                               "data.tasks or remove the files")
+    for path in (paths.split(",") if isinstance(paths, str) else paths):
+      path = pathlib.Path(path.strip()).expanduser()
+      if not path.is_file():
+        raise errors.DataError(f"{key}: JSONL file {str(path)!r} does not exist; fix the path")
+      _readable(path, key)
+  from e2llm_jax.data import pipeline  # late: TFDS and Grain
+
+  for task, paths in jsonl_files.items():
+    pipeline.jsonl_source(task, paths, str(data.data_dir), bool(data.skip_bad_lines))
 
 
 def check_devices(config) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from e2llm_jax import errors
 from e2llm_jax.data import builders, seeds, tasks
 
 RECON = "recon"
@@ -67,10 +68,31 @@ def tfds_source(name: str, data_dir: str, split: str = "train") -> Any:
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir)
   except Exception as error:  # tfds raises several types for "not built"; one message says the fix
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} (split {split!r}) could not be opened under data_dir={data_dir!r} "
-        f"({type(error).__name__}: {error}); build it first (see e2llm_jax/data/builders/) or "
-        "pass the source in memory.") from error
+    # Only the first line of TFDS's text: "not found" lists every dataset TFDS knows (~600 lines).
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    raise DatasetNotBuiltError(
+        f"TFDS dataset {name!r} (split {split!r}) is not built under data.data_dir={data_dir!r} "
+        f"({type(error).__name__}: {first_line}); build it first (e2llm_jax/data/builders/: "
+        "long_qa.build, jsonl.build, or name its JSONL files in data.jsonl_files), or fix "
+        "data.tfds_names / data.data_dir") from error
+
+
+class DatasetNotBuiltError(errors.DataError, FileNotFoundError):
+  """A dataset named by the config is not under data.data_dir (a FileNotFoundError for callers)."""
+
+
+def jsonl_source(task: str, paths: str | Sequence[str], data_dir: str, skip_bad_lines: bool) -> Any:
+  """The `jsonl/<task>` dataset of `paths` ("a.jsonl,b.jsonl" or a list), built once under data_dir.
+
+  Bad lines stop the build naming file and line, unless `skip_bad_lines` (then they are counted).
+  """
+  from e2llm_jax.data.builders import jsonl  # pylint: disable=g-import-not-at-top
+  files = [p.strip() for p in paths.split(",") if p.strip()] if isinstance(paths, str) else list(paths)
+  if not files:
+    raise errors.ConfigError(f"{jsonl.FILES_KEY}.{task} names no files; give one or more paths, "
+                             "comma-separated")
+  builder, _ = jsonl.build(files, data_dir, name=task, skip_bad_lines=skip_bad_lines)
+  return builder.as_data_source(split="train")
 
 
 def ruler_source(task: str, *, max_seq_length: int, num_samples: int, seed: int, tokenizer: Any
@@ -340,14 +362,19 @@ def make_pipeline(config: Any, encoder_tokenizer: Any, decoder_tokenizer: Any, *
   tfds_names = dict(get("tfds_names", {}))
   templates = dict(get("templates", {}))
   resolved = dict(sources or {})
+  jsonl_files = dict(get("jsonl_files", {}))
   for name in [n for n in list(weights) + recon_sources if n != RECON and n not in resolved]:
     data_dir = get("data_dir", None)
     tfds_error = None
+    if name in jsonl_files:
+      resolved[name] = jsonl_source(name, jsonl_files[name], data_dir,
+                                    bool(get("skip_bad_lines", False)))
+      continue
     if data_dir is not None:
       try:
         resolved[name] = tfds_source(tfds_names.get(name, name), data_dir)
         continue
-      except FileNotFoundError as error:
+      except DatasetNotBuiltError as error:
         tfds_error = error
     if _is_ruler_task(name):
       max_seq_length = get("ruler_max_seq_length", None)
@@ -360,8 +387,9 @@ def make_pipeline(config: Any, encoder_tokenizer: Any, decoder_tokenizer: Any, *
       continue
     if tfds_error is not None:
       raise tfds_error
-    raise ValueError(f"data.tasks names {name!r}, which is neither passed in memory, nor a RULER task, "
-                     "nor findable: set data.data_dir to the folder its TFDS dataset was built in.")
+    raise errors.DataError(f"data.tasks names {name!r}, which is neither passed in memory, nor a RULER "
+                           "task, nor findable: set data.data_dir to the folder its TFDS dataset was "
+                           "built in, or name its JSONL files in data.jsonl_files")
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from e2llm_jax import errors
 from e2llm_jax.data import builders
 
 LAYOUT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -40,7 +41,11 @@ CHOICE_LETTERS = ("A", "B", "C", "D")
 MAX_REPORTED_BAD_LINES = 100
 
 
-class BadLineError(ValueError):
+# The config key that names a task's JSONL files (error messages point users at it).
+FILES_KEY = "data.jsonl_files"
+
+
+class BadLineError(errors.DataError):
   """A JSONL line that cannot be read as a record of its file's layout."""
 
 
@@ -121,16 +126,21 @@ def read_jsonl(path: str | pathlib.Path, stats: JsonlStats, skip_bad_lines: bool
   """(line number, normalised record) for every good line of one file; bad lines raise or count."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"JSONL file {path} does not exist; check data.jsonl_paths.")
+    raise errors.DataError(f"JSONL file {path} does not exist; check {FILES_KEY}")
   name = str(path)
   layout, layout_line = None, 0
   stats.records.setdefault(name, 0)
   stats.skipped.setdefault(name, 0)
-  with path.open(encoding="utf-8") as lines:
-    for line_number, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
+  with path.open("rb") as lines:  # bytes: a bad encoding is one bad line, not a lost file
+    for line_number, raw in enumerate(lines, start=1):
       try:
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+          raise BadLineError(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at byte "
+                             f"{error.start + 1}); re-save the file as UTF-8") from None
+        if not line.strip():
+          continue
         try:
           record = json.loads(line)
         except json.JSONDecodeError as error:
@@ -150,13 +160,20 @@ def read_jsonl(path: str | pathlib.Path, stats: JsonlStats, skip_bad_lines: bool
         if layout is not None and layout_line != line_number:
           where += f" (layout {layout}, detected from line {layout_line})"
         if not skip_bad_lines:
-          raise BadLineError(f"{where}: {error}. Fix the line, or build with skip_bad_lines=True to "
-                             "skip and count such lines.") from None
+          raise BadLineError(f"{where}: {error}. Fix the line, or set data.skip_bad_lines=True "
+                             "(build(..., skip_bad_lines=True)) to skip and count such lines."
+                             ) from None
         stats.skipped[name] += 1
         stats.bad_lines.append(f"{where}: {error}")
         continue
       stats.records[name] += 1
       yield line_number, normalized
+  if not stats.records[name]:
+    skipped = stats.skipped[name]
+    raise errors.DataError(
+        f"JSONL file {path} holds no records" + (f" ({skipped} bad lines were skipped)" if skipped
+                                                 else " (it is empty or blank)")
+        + f"; give it one JSON object per line, or remove it from {FILES_KEY}")
 
 
 @dataclasses.dataclass
