@@ -5,6 +5,7 @@ Covers BERT-family encoders and Llama / Mistral / Qwen2 decoders, old and transf
 
 from typing import Any
 
+from e2llm_jax.errors import WeightsError
 from e2llm_jax.models.bert import EncoderConfig
 from e2llm_jax.models.llama import ROPE_TYPES, DecoderConfig
 
@@ -27,7 +28,7 @@ ROPE_INT_PARAMS = ("original_max_position_embeddings",)
 
 def _require(hf_config: dict, key: str, source: str) -> Any:
   if hf_config.get(key) is None:
-    raise ValueError(f"{source} lacks {key!r}, which the model needs.")
+    raise WeightsError(f"{source} lacks {key!r}, which the model needs.")
   return hf_config[key]
 
 
@@ -42,12 +43,13 @@ def encoder_config_from_hf(hf_config: dict, source: str = "config.json") -> Enco
   """EncoderConfig from a BERT-family `config.json` dict (model_type `bert`)."""
   model_type = hf_config.get("model_type")
   if model_type not in ENCODER_MODEL_TYPES:
-    raise ValueError(f"{source}: encoder model_type {model_type!r} is not supported; supported: "
-                     f"{list(ENCODER_MODEL_TYPES)} (BERT-family models such as MiniLM, GTE, BGE, E5).")
+    raise WeightsError(f"{source}: encoder model_type {model_type!r} is not supported; supported: "
+                       f"{list(ENCODER_MODEL_TYPES)} (BERT-family models such as MiniLM, GTE, BGE, "
+                       "E5).")
   position_type = hf_config.get("position_embedding_type") or "absolute"
   if position_type != "absolute":
-    raise ValueError(f"{source}: position_embedding_type {position_type!r} is not supported; "
-                     "only 'absolute' is.")
+    raise WeightsError(f"{source}: position_embedding_type {position_type!r} is not supported; "
+                       "only 'absolute' is.")
   return EncoderConfig(
       vocab_size=int(_require(hf_config, "vocab_size", source)),
       hidden_size=int(_require(hf_config, "hidden_size", source)),
@@ -88,11 +90,11 @@ def _rope_from_hf(hf_config: dict, source: str) -> tuple[float, str, tuple[tuple
   theta = 10000.0 if theta is None else float(theta)
   rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
   if rope_type not in ROPE_TYPES:
-    raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported: "
-                     f"{list(ROPE_TYPES)}.")
+    raise WeightsError(f"{source}: rope type {rope_type!r} is not supported; supported: "
+                       f"{list(ROPE_TYPES)}.")
   missing = [name for name in ROPE_PARAM_NAMES[rope_type] if scaling.get(name) is None]
   if missing:
-    raise ValueError(f"{source}: rope type {rope_type!r} needs {missing} in its rope settings.")
+    raise WeightsError(f"{source}: rope type {rope_type!r} needs {missing} in its rope settings.")
   params = tuple(sorted((name, float(scaling[name])) for name in ROPE_PARAM_NAMES[rope_type]))
   return theta, rope_type, params
 
@@ -115,9 +117,9 @@ def _sliding_window_from_hf(hf_config: dict, model_type: str, num_layers: int,
   if kinds == {"full_attention"} or not hf_config.get("use_sliding_window", True):
     return None
   if kinds != {"sliding_attention"}:
-    raise ValueError(f"{source}: Qwen2 with sliding attention on only some layers "
-                     "(max_window_layers / layer_types) is not supported; the decoder applies one "
-                     "window to every layer.")
+    raise WeightsError(f"{source}: Qwen2 with sliding attention on only some layers "
+                       "(max_window_layers / layer_types) is not supported; the decoder applies "
+                       "one window to every layer.")
   return int(_require(hf_config, "sliding_window", source))
 
 
@@ -125,8 +127,8 @@ def decoder_config_from_hf(hf_config: dict, source: str = "config.json") -> Deco
   """DecoderConfig from a Llama / Mistral / Qwen2 `config.json` dict (old or transformers-5 format)."""
   model_type = hf_config.get("model_type")
   if model_type not in DECODER_MODEL_TYPES:
-    raise ValueError(f"{source}: decoder model_type {model_type!r} is not supported; supported: "
-                     f"{list(DECODER_MODEL_TYPES)} (SmolLM2 is 'llama').")
+    raise WeightsError(f"{source}: decoder model_type {model_type!r} is not supported; supported: "
+                       f"{list(DECODER_MODEL_TYPES)} (SmolLM2 is 'llama').")
   hidden_size = int(_require(hf_config, "hidden_size", source))
   num_heads = int(_require(hf_config, "num_attention_heads", source))
   num_layers = int(_require(hf_config, "num_hidden_layers", source))

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from e2llm_jax.errors import WeightsError
 from e2llm_jax.hf.configs import first_id
 from e2llm_jax.hf.safetensors_io import existing_path
 from e2llm_jax.hf.weight_names import (check_names_and_shapes, decoder_weight_map,
@@ -40,13 +41,13 @@ def decoder_config_from_gguf(reader, source: str = "GGUF") -> DecoderConfig:
   """DecoderConfig from GGUF metadata (`{arch}.*` keys and `tokenizer.ggml.*` special ids)."""
   arch = gguf_metadata(reader, "general.architecture")
   if arch not in GGUF_ARCHITECTURES:
-    raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; supported: "
-                     f"{list(GGUF_ARCHITECTURES)}.")
+    raise WeightsError(f"{source}: GGUF architecture {arch!r} is not supported; supported: "
+                       f"{list(GGUF_ARCHITECTURES)}.")
 
   def meta(key: str, default: Any = None) -> Any:
     value = gguf_metadata(reader, f"{arch}.{key}", default)
     if value is None:
-      raise ValueError(f"{source}: GGUF metadata lacks {arch}.{key}, which the model needs.")
+      raise WeightsError(f"{source}: GGUF metadata lacks {arch}.{key}, which the model needs.")
     return value
 
   hidden_size, num_heads = int(meta("embedding_length")), int(meta("attention.head_count"))
@@ -56,11 +57,11 @@ def decoder_config_from_gguf(reader, source: str = "GGUF") -> DecoderConfig:
     vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
   scaling_type = gguf_metadata(reader, f"{arch}.rope.scaling.type", "none")
   if scaling_type not in ("none", "linear"):
-    raise ValueError(f"{source}: GGUF rope scaling {scaling_type!r} is not supported; supported: "
-                     "none, linear. Load the original HF folder instead.")
+    raise WeightsError(f"{source}: GGUF rope scaling {scaling_type!r} is not supported; supported: "
+                       "none, linear. Load the original HF folder instead.")
   if "rope_freqs.weight" in tensor_names:
-    raise ValueError(f"{source}: GGUF carries rope_freqs.weight (Llama 3.1-style rope scaling), "
-                     "which is not read from GGUF; load the original HF folder instead.")
+    raise WeightsError(f"{source}: GGUF carries rope_freqs.weight (Llama 3.1-style rope scaling), "
+                       "which is not read from GGUF; load the original HF folder instead.")
   rope_type, rope_params = "default", ()
   if scaling_type == "linear":
     rope_type, rope_params = "linear", (("factor", float(meta("rope.scaling.factor"))),)

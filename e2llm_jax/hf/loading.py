@@ -9,6 +9,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from e2llm_jax.errors import WeightsError
 from e2llm_jax.hf.configs import decoder_config_from_hf, encoder_config_from_hf
 from e2llm_jax.hf.gguf import gguf_tensor_reader
 from e2llm_jax.hf.safetensors_io import (CONFIG_FILE, existing_path, read_config,
@@ -24,8 +25,8 @@ def encoder_tensor_reader(path: str | pathlib.Path
   """(EncoderConfig, read): `read(hf_name)` gives one `BertModel` tensor in HF layout, as stored."""
   folder = existing_path(path, "Encoder")
   if folder.is_file():
-    raise ValueError(f"Encoder path {str(folder)!r} is a file; pass the Hugging Face model folder "
-                     "(config.json + model.safetensors). GGUF is read for decoders only.")
+    raise WeightsError(f"Encoder path {str(folder)!r} is a file; pass the Hugging Face model "
+                       "folder (config.json + model.safetensors). GGUF is read for decoders only.")
   cfg = encoder_config_from_hf(read_config(folder), str(folder / CONFIG_FILE))
   return cfg, safetensors_tensor_reader(folder, encoder_weight_map(cfg), bert_renamer,
                                         "BERT encoder")
@@ -37,8 +38,8 @@ def decoder_tensor_reader(path: str | pathlib.Path
   path = existing_path(path, "Decoder")
   if path.is_file():
     if path.suffix != ".gguf":
-      raise ValueError(f"Decoder path {str(path)!r} is a file but not a .gguf; pass a Hugging Face "
-                       "model folder (config.json + model.safetensors) or a .gguf file.")
+      raise WeightsError(f"Decoder path {str(path)!r} is a file but not a .gguf; pass a Hugging "
+                         "Face model folder (config.json + model.safetensors) or a .gguf file.")
     return gguf_tensor_reader(path)
   cfg = decoder_config_from_hf(read_config(path), str(path / CONFIG_FILE))
   return cfg, safetensors_tensor_reader(path, decoder_weight_map(cfg),

@@ -10,6 +10,7 @@ from typing import Any, Callable, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from e2llm_jax.errors import WeightsError
 from e2llm_jax.hf.weight_names import WeightSpec, check_names_and_shapes, renamed_keys
 
 CONFIG_FILE = "config.json"
@@ -51,7 +52,7 @@ def safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return [folder / SAFETENSORS_FILE]
   pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
   if pickles:
-    raise ValueError(
+    raise WeightsError(
         f"{folder} holds only pickle checkpoints ({', '.join(pickles)}); only safetensors and "
         "GGUF are read (pickles can run arbitrary code). Convert once with transformers: "
         "`AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)` "

@@ -6,6 +6,7 @@ The GGUF path supports byte-level BPE (Llama 3, Qwen2, SmolLM2), with its contro
 import functools
 import pathlib
 
+from e2llm_jax.errors import WeightsError
 from e2llm_jax.hf.gguf import gguf_metadata, gguf_reader
 from e2llm_jax.hf.safetensors_io import existing_path
 
@@ -45,8 +46,9 @@ def gguf_tokenizer(path: pathlib.Path):
   reader = gguf_reader(path)
   kind = gguf_metadata(reader, "tokenizer.ggml.model")
   if kind != "gpt2":
-    raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported; only byte-level BPE "
-                     "('gpt2': Llama 3, Qwen2, SmolLM2) is. Use the original HF folder's tokenizer.")
+    raise WeightsError(f"{path}: GGUF tokenizer model {kind!r} is not supported; only byte-level "
+                       "BPE ('gpt2': Llama 3, Qwen2, SmolLM2) is. Use the original HF folder's "
+                       "tokenizer.")
   tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
   merges = gguf_metadata(reader, "tokenizer.ggml.merges") or []
   token_types = gguf_metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -104,8 +106,8 @@ def load_tokenizer(path: str | pathlib.Path):
   path = existing_path(path, "Tokenizer")
   if path.is_file():
     if path.suffix != ".gguf":
-      raise ValueError(f"Tokenizer path {str(path)!r} is a file but not a .gguf; pass a Hugging "
-                       "Face model folder or a .gguf file.")
+      raise WeightsError(f"Tokenizer path {str(path)!r} is a file but not a .gguf; pass a Hugging "
+                         "Face model folder or a .gguf file.")
     return gguf_tokenizer(path)
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

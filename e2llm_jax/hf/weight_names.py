@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
+from e2llm_jax.errors import WeightsError
 from e2llm_jax.models.bert import EncoderConfig
 from e2llm_jax.models.llama import DecoderConfig
 
@@ -158,7 +159,7 @@ def check_names_and_shapes(weight_map: dict[str, WeightSpec], found: dict[str, t
     lines.append(f"  mis-shaped ({len(misshaped)}): {_listed(misshaped)}")
   lines.append("Check that config.json belongs to these weights and that the model is a "
                f"supported {what}.")
-  raise ValueError("\n".join(lines))
+  raise WeightsError("\n".join(lines))
 
 
 def assemble(weight_map: dict[str, WeightSpec], read: Callable[[str], np.ndarray],
