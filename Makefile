@@ -21,7 +21,9 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 
 demo: $(VENV)/.runtime
 	$(PY) train.py --config=configs/demo.py --workdir=$(WORKDIR)
-	@echo "held-out evaluation: $(WORKDIR)/eval_metrics.jsonl"; tail -n 1 $(WORKDIR)/eval_metrics.jsonl
+	@echo "held-out evaluation during training: $(WORKDIR)/eval_metrics.jsonl"; tail -n 1 $(WORKDIR)/eval_metrics.jsonl
+	$(PY) eval.py --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) -m e2llm_jax.hf.export --workdir=$(WORKDIR) --out=$(WORKDIR)/export --overwrite
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
