@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e2llm_jax import errors
 from e2llm_jax.models import e2llm, llama
 
 MAX_STOP_SEQUENCES = 8  # stop sequences checked on device (the host trims at every stop string)
@@ -36,7 +37,8 @@ def id_table(sequences: Sequence[Sequence[int]], rows: int, width: int, what: st
   """Right-aligned ids [rows, width], UNUSED_ID elsewhere (sequences longer keep their last ids)."""
   sequences = [list(s) for s in sequences if len(s)]
   if len(sequences) > rows:
-    raise ValueError(f"at most {rows} {what} are supported, got {len(sequences)}.")
+    raise errors.UserError(f"at most {rows} {what} are supported, got {len(sequences)}; pass "
+                           "fewer.")
   table = np.full((rows, width), UNUSED_ID, np.int32)
   for row, ids in enumerate(sequences):
     ids = ids[-width:]

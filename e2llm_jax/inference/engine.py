@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from e2llm_jax import checkpoint, config_utils, sharding, towers
+from e2llm_jax import checkpoint, config_utils, errors, sharding, towers
 from e2llm_jax.data import chunking, pipeline, tasks
 from e2llm_jax.inference import decoding
 from e2llm_jax.inference.soft_context import SoftContext
@@ -30,7 +30,10 @@ CHECKPOINTS_DIR = "checkpoints"
 DEFAULT_MESH_SHAPE = (1, -1, 1)  # every device on fsdp, as the configs train
 MAX_CHUNKS_PER_CALL = 1024  # chunks one encoder call holds (bounds its activations)
 MAX_TEXTS_PER_CALL = 256    # texts one embed_texts call holds
-MIN_PROMPT_BUCKET = 16
+# Smallest buckets: fewer, larger shapes compile fewer times; padding at these sizes costs little.
+MIN_PROMPT_BUCKET = 128
+MIN_SOFT_BUCKET = 64
+MIN_CHUNK_BUCKET = 32
 MIN_NEW_TOKENS_BUCKET = 16
 MIN_TEXT_BUCKET = 16
 
@@ -178,7 +181,7 @@ class E2LLM:
                                 f"first with `python train.py --config=... --workdir={workdir}`.")
       step = max(steps) if step is None else int(step)
       if step not in steps:
-        raise ValueError(f"--step={step}: {str(workdir)!r} has checkpoints at steps "
+        raise errors.CheckpointError(f"step {step}: {str(workdir)!r} has checkpoints at steps "
                          f"{sorted(steps)}; pick one of them.")
       trainable, meta, restored = ckpt.restore_params(
           step, sharding.abstract_with_shardings(abstract_trainable, trainable_shardings),
@@ -202,7 +205,7 @@ class E2LLM:
 
   def _text_ready(self, what: str) -> tasks.ExampleEncoder:
     if self.examples is None:
-      raise ValueError(f"{what} needs the encoder and decoder tokenizers, which this engine lacks "
+      raise errors.UserError(f"{what} needs the encoder and decoder tokenizers, which this engine lacks "
                        "(random-init towers have none); use generate_arrays on token ids.")
     return self.examples
 
@@ -245,7 +248,7 @@ class E2LLM:
     out = []
     for first in range(0, len(chunk_ids), MAX_CHUNKS_PER_CALL):
       part = chunk_ids[first:first + MAX_CHUNKS_PER_CALL]
-      rows = decoding.bucket(len(part), multiple=self.batch_multiple)
+      rows = decoding.bucket(len(part), MIN_CHUNK_BUCKET, self.batch_multiple)
       padded = chunking.pad_chunks(part, rows, tokens, pad_id)
       soft = self._encode(self.frozen, self.trainable, self._batch(padded.ids),
                           self._batch(padded.token_mask))
@@ -293,7 +296,7 @@ class E2LLM:
     """
     examples = self._text_ready("generate")
     if len(questions) != len(contexts):
-      raise ValueError(f"{len(questions)} questions but {len(contexts)} contexts; pass one each.")
+      raise errors.UserError(f"{len(questions)} questions but {len(contexts)} contexts; pass one each.")
     templates = list(template) if isinstance(template, (list, tuple)) else [template] * len(
         questions)
     texts = [i for i, context in enumerate(contexts) if isinstance(context, str)]
@@ -372,21 +375,22 @@ class E2LLM:
     if not rows:
       return np.zeros((0, max_new_tokens), np.int32)
     if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+      raise errors.UserError(f"max_new_tokens={max_new_tokens} must be at least 1.")
     if any(row.length == 0 for row in rows):
-      raise ValueError("a prompt has no tokens at all; give it a question or a context.")
+      raise errors.UserError("a prompt has no tokens at all; give it a question or a context.")
     longest = max(row.length for row in rows)
     if longest + max_new_tokens > self.decoder_window:
-      raise ValueError(
+      raise errors.UserError(
           f"a prompt of {longest} decoder tokens (soft tokens included) plus max_new_tokens="
           f"{max_new_tokens} exceeds the decoder's window of {self.decoder_window} positions; "
           "shorten the context or the question, or lower max_new_tokens.")
     length = decoding.bucket(longest, MIN_PROMPT_BUCKET)
     new = decoding.bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     size = decoding.bucket(len(rows), multiple=self.batch_multiple)
-    soft_slots = decoding.bucket(max(row.num_soft for row in rows))
+    most_soft = max(row.num_soft for row in rows)
+    soft_slots = decoding.bucket(most_soft, MIN_SOFT_BUCKET) if most_soft else 1
     width = self.model.decoder.hidden_size
-    ids = np.full((size, length), pad_id, np.int32)
+    ids = np.zeros((size, length), np.int32)  # padding slots are masked; any valid id will do
     soft_index = np.full((size, length), -1, np.int32)
     mask = np.zeros((size, length), np.int32)
     soft = np.zeros((size, soft_slots, width), np.float32)

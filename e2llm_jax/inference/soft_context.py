@@ -12,6 +12,8 @@ import pathlib
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from e2llm_jax import errors
+
 ARRAYS_FILE = "soft_tokens.safetensors"
 METADATA_FILE = "context.json"
 FORMAT_VERSION = 1
@@ -75,7 +77,7 @@ class SoftContext:
                               "write one with SoftContext.save(path).")
     metadata = json.loads((folder / METADATA_FILE).read_text())
     if metadata.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{str(folder)!r} holds SoftContext format "
+      raise errors.UserError(f"{str(folder)!r} holds SoftContext format "
                        f"{metadata.get('format_version')!r}; this version reads {FORMAT_VERSION}.")
     arrays = load_file(str(folder / ARRAYS_FILE))
     return cls(soft_tokens=arrays["soft_tokens"], chunk_mask=arrays["chunk_mask"],
