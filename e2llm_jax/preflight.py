@@ -213,6 +213,11 @@ def check_data(config) -> None:
         f"data.tasks names {unknown}, which are neither passkey, recon nor RULER tasks (e.g. "
         f"{sorted(ruler.TASKS)[:3]}), so they must be TFDS datasets: set data.data_dir to the "
         "folder they were built in")
+  if unknown:
+    from e2llm_jax.data import pipeline  # late: TFDS and Grain
+
+    for name in unknown:  # opening a built dataset reads its metadata only
+      pipeline.tfds_source(dict(data.tfds_names).get(name, name), str(data.data_dir))
 
 
 def check_jsonl(config, jsonl_files: dict) -> None:

@@ -36,7 +36,7 @@ import sys
 import uuid
 from typing import Any, Callable, Sequence
 
-from e2llm_jax import assets
+from e2llm_jax import assets, errors
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompt text (RULER main, scripts/data/synthetic/constants.py and the task scripts).
@@ -833,10 +833,8 @@ def generate(task: str, max_seq_length: int, num_samples: int, seed: int, tokeni
     raise ValueError(f"question_pool must be one of {QUESTION_POOLS}, got {question_pool!r}.")
   if num_samples < 0:
     raise ValueError(f"num_samples must be >= 0, got {num_samples}.")
+  check_length(task, max_seq_length)
   budget = max_seq_length - spec.tokens_to_generate
-  if budget <= 0:
-    raise ValueError(f"max_seq_length={max_seq_length} leaves no room for a prompt: task {task!r} reserves "
-                     f"{spec.tokens_to_generate} tokens to generate.")
   counter = _TokenCounter(tokenizer)
   search = _UnitSearch(counter, budget, task, max_seq_length)
   vt_example = _vt_example(counter, task, seed) if spec.family == "vt" else None
@@ -897,6 +895,15 @@ def _record(index: int, prompt: _Prompt, measured: _Measured, spec: TaskSpec, co
   return record
 
 
+def check_length(task: str, max_seq_length: int) -> None:
+  """A ConfigError unless `max_seq_length` leaves room for a prompt after the answer budget."""
+  reserved = task_spec(task).tokens_to_generate
+  if max_seq_length <= reserved:
+    raise errors.ConfigError(f"max_seq_length={max_seq_length} leaves no room for a prompt: task "
+                             f"{task!r} reserves {reserved} tokens to generate; use a length above "
+                             f"{reserved} (RULER uses 4096 and up)")
+
+
 def write_jsonl(samples: Sequence[dict[str, Any]], path: str | pathlib.Path) -> pathlib.Path:
   """Writes one JSON object per line (UTF-8), creating the parent folder."""
   path = pathlib.Path(path)
@@ -927,16 +934,23 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = _parse_args(argv)
-  # Imported here: heavy, and only the CLI needs it.
-  from e2llm_jax.hf import load_tokenizer  # pylint: disable=g-import-not-at-top
-  tokenizer = load_tokenizer(args.tokenizer)
+  if args.num_samples < 1:
+    raise errors.ConfigError(f"--num-samples={args.num_samples}: ask for at least one sample")
   out = pathlib.Path(args.out)
   if args.task == "all":
     if out.suffix == ".jsonl":
-      raise SystemExit(f"--task all writes one file per task: --out must be a folder, got {str(out)!r}.")
+      raise errors.ConfigError(f"--task all writes one file per task: --out must be a folder, got "
+                               f"{str(out)!r}")
     targets = [(task, out / f"{task}.jsonl") for task in TASKS]
   else:
     targets = [(args.task, out)]
+  for task, _ in targets:  # every length problem before any file is written
+    check_length(task, args.max_seq_length)
+  # Imported here: heavy, and only the CLI needs it.
+  from e2llm_jax import cli  # pylint: disable=g-import-not-at-top
+  from e2llm_jax.hf import load_tokenizer  # pylint: disable=g-import-not-at-top
+  tokenizer = load_tokenizer(args.tokenizer)
+  cli.remove_on_failure(out)
   for task, path in targets:
     samples = generate(task, args.max_seq_length, args.num_samples, args.seed, tokenizer,
                        question_pool=args.question_pool)
@@ -948,4 +962,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from e2llm_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

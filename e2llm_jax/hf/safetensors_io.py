@@ -22,7 +22,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 def existing_path(path: str | pathlib.Path, what: str) -> pathlib.Path:
   path = pathlib.Path(path).expanduser()
   if not path.exists():
-    raise FileNotFoundError(f"{what} path {str(path)!r} does not exist.")
+    raise FileNotFoundError(f"{what} path {str(path)!r} does not exist; check the path.")
   return path
 
 
