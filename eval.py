@@ -1,6 +1,6 @@
 """Evaluation CLI: `python eval.py --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
 
-Same flags as train.py; evaluates the newest checkpoint in DIR and prints the metrics as JSON.
+Same flags as train.py; evaluates the newest checkpoint (or `eval.step`) in DIR over `eval.*`, writes DIR/eval/.
 """
 
 import json
@@ -16,10 +16,14 @@ def main(argv):
   config_utils.maybe_initialize_distributed(config)
   preflight.check_eval(config, workdir)
   cli.remove_on_failure(workdir)  # only what this evaluation adds; the run's files stay
-  from e2llm_jax.training import loop  # late: config errors above stay fast
+  from e2llm_jax.evaluation import suite  # late: config errors above stay fast
 
-  result = loop.evaluate(config, workdir)
-  print(json.dumps(result, indent=2, default=float))
+  result = suite.evaluate_workdir(config, workdir)
+  if "table" in result:
+    print(f"step {result['step']}\n\n{result['table']}")
+    print("\n".join(f"{name}: {path}" for name, path in result.get("files", {}).items()))
+  else:
+    print(json.dumps(result, indent=2, default=float))
 
 
 if __name__ == "__main__":

@@ -54,4 +54,12 @@ def get_config(arg=None):
   c.mesh.shape = (1, -1, 1)
   c.ckpt.every_steps = 50
   c.ckpt.keep = 2
+
+  # eval.py after training: E2LLM against full / none / rag on the same decoder, at 4k and 8k decoder
+  # tokens (SmolLM2's window is 8k). Few samples: the full-context baseline prefills 8k tokens on CPU.
+  c.eval.tasks = "niah_single_1,niah_single_2,vt,qa_1"
+  c.eval.lengths = (4096, 8192)
+  c.eval.baselines = "full,none,rag"
+  c.eval.num_samples = 3
+  c.eval.batch_size = 3
   return c

@@ -6,7 +6,11 @@ each method actually passes to the decoder.
 
 import dataclasses
 import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,12 +18,13 @@ import pytest
 import transformers
 
 from configs import tiny
-from e2llm_jax import assets, sharding
-from e2llm_jax.data import chunking, passkey, pipeline, ruler, seeds
+from e2llm_jax import assets
+from e2llm_jax.data import chunking, pipeline, ruler, seeds
 from e2llm_jax.data.builders import ruler_synthetic
 from e2llm_jax.evaluation import held_out, predictors, report, runner
-from e2llm_jax.training import state as state_lib
+from e2llm_jax.training import loop
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEED = 11
 LENGTH = 1024
 CHUNK_TOKENS = 64
@@ -246,16 +251,23 @@ def test_passkey_exact_match_sums_over_processes():
     assert (share, rows) == (one, 8)
 
 
-def test_passkey_evaluation_is_the_same_on_every_mesh():
+def test_eval_cli_on_a_tiny_workdir_matches_the_training_loop(tmp_path):
+  """eval.py restores the run onto all 8 devices; the loop evaluated it on one: same held-out result."""
+  workdir = tmp_path / "run"
   config = tiny.get_config()
-  found = []
-  for shape in [(1, 1, 1), (2, 2, 2)]:
-    mesh = sharding.make_mesh(shape, config.mesh.axes)
-    setup = state_lib.create_train_state(config, mesh)
-    model, frozen, trainable = setup.model, setup.frozen, setup.state["trainable"]
-    task = passkey.task_from_config(config, min(model.encoder.vocab_size, model.decoder.vocab_size))
-    found.append(held_out.evaluate_passkey(model, frozen, trainable, task, 3, 16, 8, mesh,
-                                           config.mesh.rules))
-  assert found[0]["examples"] == found[1]["examples"] == 16
-  assert found[0]["exact_match"] == found[1]["exact_match"]
-  np.testing.assert_allclose(found[0]["ift_loss"], found[1]["ift_loss"], rtol=1e-5)
+  config.train.steps, config.train.eval_examples, config.mesh.shape = 1, 8, (1, 1, 1)
+  config.ckpt.async_save = False
+  in_loop = loop.train(config, str(workdir))
+  done = subprocess.run(
+      [sys.executable, str(ROOT / "eval.py"), "--config", str(ROOT / "configs/tiny.py"),
+       "--workdir", str(workdir), "--config.eval.num_samples=8", "--config.eval.batch_size=8"],
+      capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+      check=False, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  printed = json.loads(done.stdout[done.stdout.index("{"):])
+  assert printed["step"] == 1 and printed["examples"] == in_loop["examples"] == 8
+  assert printed["exact_match"] == in_loop["exact_match"]
+  np.testing.assert_allclose(printed["ift_loss"], in_loop["ift_loss"], rtol=1e-5)
+  assert json.loads((workdir / "eval" / report.RESULTS_FILE).read_text()) == printed
+  logged = [json.loads(line) for line in (workdir / "eval_metrics.jsonl").read_text().splitlines()]
+  assert logged[-1]["step"] == 1 and logged[-1]["ift_loss"] == pytest.approx(in_loop["ift_loss"])

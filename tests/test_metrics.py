@@ -14,6 +14,7 @@ import pytest
 import rouge
 from rouge_score import rouge_scorer
 
+from e2llm_jax import errors
 from e2llm_jax.evaluation import metrics, score
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -187,14 +188,14 @@ def test_score_cli(tmp_path, capsys):
   path.write_text("\n".join(json.dumps(s) for s in [
       {"pred": "The Eiffel Tower", "answers": ["eiffel tower"]},
       {"pred": "nothing", "answers": ["eiffel tower"]}]) + "\n\n")
-  assert score.main(["--metric", "qa_f1", "--input", str(path)]) == 0
+  score.main(["--metric", "qa_f1", "--input", str(path)])
   assert json.loads(capsys.readouterr().out) == {"metric": "qa_f1", "num_samples": 2, "score": 50.0}
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"pred": "x", "answers": ["x"]}\n{"pred": \n')
-  assert score.main(["--metric", "qa_f1", "--input", str(bad)]) == 2
-  assert f"{bad}:2 is not valid JSON" in capsys.readouterr().err
-  assert score.main(["--metric", "qa_f1", "--input", str(tmp_path / "none.jsonl")]) == 2
-  assert "is not a file" in capsys.readouterr().err
+  with pytest.raises(errors.DataError, match=f"{bad}:2 is not valid JSON"):
+    score.main(["--metric", "qa_f1", "--input", str(bad)])
+  with pytest.raises(errors.DataError, match="is not a file"):
+    score.main(["--metric", "qa_f1", "--input", str(tmp_path / "none.jsonl")])
 
 
 def test_score_cli_subprocess_lbv2(tmp_path):
@@ -207,3 +208,9 @@ def test_score_cli_subprocess_lbv2(tmp_path):
   assert done.returncode == 0, done.stderr
   result = json.loads(done.stdout)
   assert result["score"] == 100.0 and result["easy"] == 100.0 and result["hard"] is None
+  path.write_text(json.dumps({"pred": "The correct answer is (A)", "difficulty": "easy"}) + "\n")
+  done = subprocess.run([sys.executable, "-m", "e2llm_jax.evaluation.score", "--metric", "qa_f1",
+                         "--input", str(path)], capture_output=True, text=True, cwd=ROOT,
+                        check=False, timeout=120)
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert done.stderr.startswith("error: sample has no gold answers")

@@ -62,9 +62,15 @@ def _local_rows(array: jax.Array) -> np.ndarray:
 
 def evaluate_passkey(model: e2llm.E2LLMConfig, frozen: Any, trainable: Any, task: passkey.PasskeyTask,
                      seed: int, num_examples: int, batch_size: int, mesh: Any, rules: Any) -> dict:
-  """Teacher-forced answer loss and greedy token-exact match on held-out passkey batches."""
+  """Teacher-forced answer loss and greedy token-exact match on held-out passkey batches.
+
+  Batches are rounded up to a multiple of the devices the batch is split over; `num_examples` down
+  to whole batches (at least one).
+  """
   generate, losses = _compiled(model, int(task.value_digits) + 1, passkey.EOS)
-  batch_size = min(int(batch_size), max(int(num_examples), 1))
+  batch_axes = dict(sharding.normalize_rules(rules)).get("batch", ())
+  multiple = int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.shape]))
+  batch_size = -(-min(int(batch_size), max(int(num_examples), 1)) // multiple) * multiple
   nll = tokens_scored = 0.0
   matched = rows = 0
   for index in range(max(num_examples // batch_size, 1)):

@@ -13,6 +13,7 @@ import re
 import string
 from typing import Any, Callable, Mapping, Sequence
 
+from e2llm_jax import errors
 from e2llm_jax.data import builders
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
@@ -121,7 +122,7 @@ def retrieval_score(prediction: str, gold: str, **_: Any) -> float:
   """Share of the numbers in the prediction that equal the gold "Paragraph N" id."""
   found = _PARAGRAPH_ID.findall(gold)
   if not found:
-    raise ValueError(f"retrieval answer {gold!r} does not name a paragraph as 'Paragraph N'.")
+    raise errors.DataError(f"retrieval answer {gold!r} does not name a paragraph as 'Paragraph N'.")
   return _share_equal(prediction, found[0])
 
 
@@ -210,7 +211,7 @@ def _answers(sample: Mapping[str, Any]) -> list[str]:
   if isinstance(answers, str):
     answers = [answers]
   if not answers:
-    raise ValueError(f"sample has no gold answers (fields: {sorted(sample)}); give 'answers': [...].")
+    raise errors.DataError(f"sample has no gold answers (fields: {sorted(sample)}); give 'answers': [...].")
   return [str(a) for a in answers]
 
 
@@ -273,7 +274,7 @@ METRICS: dict[str, Callable[..., dict]] = {
 
 def get_metric(name: str) -> Callable[..., dict]:
   if name not in METRICS:
-    raise ValueError(f"unknown metric {name!r}; choose one of {sorted(METRICS)}.")
+    raise errors.ConfigError(f"unknown metric {name!r}; choose one of {sorted(METRICS)}.")
   return METRICS[name]
 
 

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from e2llm_jax import errors
 from e2llm_jax.data import tasks
 from e2llm_jax.evaluation.runner import Prediction
 
@@ -161,7 +162,7 @@ def make_predictors(engine: Any, baselines: Sequence[str], soft_tokens_per_chunk
   """E2LLM first, then the named baselines (a subset of BASELINES)."""
   unknown = [b for b in baselines if b not in BASELINES]
   if unknown:
-    raise ValueError(f"eval.baselines names {unknown}; choose from {BASELINES}.")
+    raise errors.ConfigError(f"eval.baselines names {unknown}; choose from {BASELINES}.")
   made = [E2LLMPredictor(engine)]
   for name in baselines:
     if name == "rag":

@@ -11,6 +11,7 @@ import pathlib
 import time
 from typing import Any, Iterable, Protocol, Sequence
 
+from e2llm_jax import errors
 from e2llm_jax.data import builders, pipeline, ruler, seeds
 from e2llm_jax.data.builders import jsonl
 from e2llm_jax.evaluation import metrics
@@ -88,7 +89,7 @@ class JsonlTask:
   def __post_init__(self):
     metrics.get_metric(self.metric)
     if not pathlib.Path(self.path).is_file():
-      raise ValueError(f"eval.tasks names the JSONL file {self.path!r}, which does not exist.")
+      raise errors.ConfigError(f"eval.tasks names the JSONL file {self.path!r}, which does not exist.")
 
   @property
   def name(self) -> str:
@@ -184,18 +185,18 @@ def parse_tasks(spec: str, tokenizer: Any, seed: int, max_new_tokens: int = 0) -
   for item in filter(None, (part.strip() for part in spec.split(","))):
     name, _, metric = item.rpartition(":") if ":" in item else (item, "", "")
     if ":" in item and name in ruler.TASKS:
-      raise ValueError(f"eval.tasks: RULER task {name!r} takes no metric (RULER scores it with "
+      raise errors.ConfigError(f"eval.tasks: RULER task {name!r} takes no metric (RULER scores it with "
                        f"{metrics.ruler_metric_name(name)!r}); write {name!r} alone.")
     if item in ruler.TASKS:
       tasks.append(RulerTask(item, tokenizer, seed, max_new_tokens))
     elif name.endswith(".jsonl"):
       if metric not in metrics.METRICS:
-        raise ValueError(f"eval.tasks: {item!r} needs a metric after the path, as "
+        raise errors.ConfigError(f"eval.tasks: {item!r} needs a metric after the path, as "
                          f"{name}:METRIC with METRIC one of {sorted(metrics.METRICS)}.")
       tasks.append(JsonlTask(name, metric, max_new_tokens))
     else:
-      raise ValueError(f"eval.tasks: {item!r} is neither a RULER task ({', '.join(ruler.TASKS)}) nor "
+      raise errors.ConfigError(f"eval.tasks: {item!r} is neither a RULER task ({', '.join(ruler.TASKS)}) nor "
                        "FILE.jsonl:METRIC.")
   if not tasks:
-    raise ValueError("eval.tasks is empty; name RULER tasks or FILE.jsonl:METRIC entries, comma-separated.")
+    raise errors.ConfigError("eval.tasks is empty; name RULER tasks or FILE.jsonl:METRIC entries, comma-separated.")
   return tasks

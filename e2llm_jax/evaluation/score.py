@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 from typing import Any, Sequence
 
+from e2llm_jax import cli, errors
 from e2llm_jax.evaluation import metrics
 
 
@@ -18,7 +18,7 @@ def read_predictions(path: str | pathlib.Path) -> list[dict[str, Any]]:
   """The JSON objects of a JSONL file; a missing file or a bad line raises one message naming it."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise ValueError(f"--input {str(path)!r} is not a file; give a JSONL file of predictions.")
+    raise errors.DataError(f"--input {str(path)!r} is not a file; give a JSONL file of predictions.")
   samples = []
   with path.open(encoding="utf-8") as lines:
     for number, line in enumerate(lines, 1):
@@ -27,13 +27,13 @@ def read_predictions(path: str | pathlib.Path) -> list[dict[str, Any]]:
       try:
         sample = json.loads(line)
       except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}); fix or remove the line.") from None
+        raise errors.DataError(f"{path}:{number} is not valid JSON ({error.msg}); fix or remove the line.") from None
       if not isinstance(sample, dict) or "pred" not in sample:
-        raise ValueError(f"{path}:{number} has no \"pred\" field; lines are "
+        raise errors.DataError(f"{path}:{number} has no \"pred\" field; lines are "
                          '{"pred": ..., "answers": [...]} objects.')
       samples.append(sample)
   if not samples:
-    raise ValueError(f"{path} holds no predictions.")
+    raise errors.DataError(f"{path} holds no predictions; write one JSON object a line.")
   return samples
 
 
@@ -54,28 +54,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   samples = read_predictions(args.input)
   options = {"compensated": True} if args.compensated else {}
   if args.compensated and args.metric != "lbv2_acc":
-    raise ValueError("--compensated applies to --metric lbv2_acc only.")
+    raise errors.ConfigError("--compensated applies to --metric lbv2_acc only.")
   try:
     result = metrics.score(args.metric, samples, dataset=args.dataset,
                            first_line_only=args.first_line, **options)
   except KeyError as error:
-    raise ValueError(f"{args.input}: a line lacks the field {error} that --metric {args.metric} "
+    raise errors.DataError(f"{args.input}: a line lacks the field {error} that --metric {args.metric} "
                      "needs.") from None
   if not args.per_sample:
     result.pop("per_sample")
   return {"metric": args.metric, "num_samples": len(samples), **result}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    result = run(args)
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  print(json.dumps(result))
-  return 0
+def main(argv: Sequence[str] | None = None) -> None:
+  print(json.dumps(run(parse_args(argv))))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)  # a user error prints one line and exits 2
