@@ -155,6 +155,8 @@ def read_jsonl(path: str | pathlib.Path, stats: JsonlStats, skip_bad_lines: bool
           layout_line = line_number
           stats.layouts[name] = layout
         normalized = normalize(record, layout, f"{path.stem}:{line_number}", path.stem)
+        if not normalized["context"].strip():
+          raise BadLineError("the context is empty or only whitespace; give the text to compress")
       except BadLineError as error:
         where = f"{name}, line {line_number}"
         if layout is not None and layout_line != line_number:
