@@ -113,7 +113,7 @@ def decode(cfg: e2llm.E2LLMConfig, frozen: Any, trainable: Any, cache: dict, log
            limit: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
            seed: jax.Array, eos_ids: jax.Array, stop_ids: jax.Array, pad_id: jax.Array,
            max_new: int) -> tuple[jax.Array, jax.Array]:
-  """(new ids [B,max_new], steps run): up to `limit` ≤ max_new tokens after the prefill's `logits`.
+  """(new ids [B,max_new], steps run): up to `limit` ≤ max_new ids after the prefill's `logits`.
 
   A row is done at an id of `eos_ids` (kept) or at the end of a stop sequence of `stop_ids`; its
   later slots hold `pad_id`. The loop ends when every row is done. Row `b` samples with
@@ -142,6 +142,6 @@ def decode(cfg: e2llm.E2LLMConfig, frozen: Any, trainable: Any, cache: dict, log
     return step + 1, tokens, logits[:, -1], cache, done
 
   done = jnp.zeros((batch,), bool)
-  steps, tokens, _, _, _ = jax.lax.while_loop(running, body,
-                                              (jnp.zeros((), jnp.int32), tokens, logits, cache, done))
+  start = (jnp.zeros((), jnp.int32), tokens, logits, cache, done)
+  steps, tokens, _, _, _ = jax.lax.while_loop(running, body, start)
   return tokens, steps

@@ -196,6 +196,27 @@ class E2LLM:
       decoder_tokenizer = hf.load_tokenizer(paths["decoder"])
     return cls(config, model, frozen, trainable, encoder_tokenizer, decoder_tokenizer, mesh, step)
 
+  @classmethod
+  def from_export(cls, export_dir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
+                  encoder_path: str | pathlib.Path | None = None,
+                  decoder_path: str | pathlib.Path | None = None) -> E2LLM:
+    """A full or adapters-only export (`python -m e2llm_jax.hf.export`); an adapters-only one
+    finds its base towers at `*_path`, else where the export recorded them (fingerprint-checked)."""
+    from e2llm_jax import hf  # pylint: disable=g-import-not-at-top
+    from e2llm_jax.hf import bundle  # pylint: disable=g-import-not-at-top
+    saved, model, numpy_frozen, numpy_trainable = bundle.load_export(export_dir, encoder_path,
+                                                                     decoder_path)
+    config = config_utils.base_config()
+    _overlay(config, saved)
+    mesh = mesh if mesh is not None else sharding.make_mesh(DEFAULT_MESH_SHAPE, config.mesh.axes)
+    frozen_rng, trainable_rng, _ = jax.random.split(jax.random.key(int(config.seed)), 3)
+    frozen, _ = towers.frozen_towers(model, numpy_frozen, mesh, config.mesh.rules, frozen_rng)
+    _, trainable_shardings = towers.trainable_layout(model, frozen, mesh, config.mesh.rules,
+                                                     trainable_rng)
+    trainable = jax.device_put(numpy_trainable, trainable_shardings)
+    return cls(config, model, frozen, trainable, hf.load_tokenizer(config.model.encoder.path),
+               hf.load_tokenizer(config.model.decoder.path), mesh)
+
   # -- Text helpers. -------------------------------------------------------------------------------
 
   @property
@@ -205,8 +226,8 @@ class E2LLM:
 
   def _text_ready(self, what: str) -> tasks.ExampleEncoder:
     if self.examples is None:
-      raise errors.UserError(f"{what} needs the encoder and decoder tokenizers, which this engine lacks "
-                       "(random-init towers have none); use generate_arrays on token ids.")
+      raise errors.UserError(f"{what} needs the encoder and decoder tokenizers, which this engine "
+                             "lacks (random-init towers have none); use generate_arrays on ids.")
     return self.examples
 
   def chunk(self, text: str) -> list[str]:
@@ -257,7 +278,7 @@ class E2LLM:
         (0, self.model.tokens_per_chunk, self.model.decoder.hidden_size), np.float32)
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-    """[n, De]: the encoder's (with LoRA) mean-pooled last hidden states, L2-normalised (for RAG)."""
+    """[n, De]: the encoder's mean-pooled last hidden states (LoRA on), L2-normalised (for RAG)."""
     self._text_ready("embed_texts")
     limit = int(self.model.encoder.max_position_embeddings)
     pad_id = int(getattr(self.encoder_tokenizer, "pad_token_id", None) or 0)
@@ -296,7 +317,8 @@ class E2LLM:
     """
     examples = self._text_ready("generate")
     if len(questions) != len(contexts):
-      raise errors.UserError(f"{len(questions)} questions but {len(contexts)} contexts; pass one each.")
+      raise errors.UserError(f"{len(questions)} questions but {len(contexts)} contexts; pass one "
+                             "context per question.")
     templates = list(template) if isinstance(template, (list, tuple)) else [template] * len(
         questions)
     texts = [i for i, context in enumerate(contexts) if isinstance(context, str)]
@@ -415,8 +437,8 @@ class E2LLM:
                                    decoding.MAX_STOP_TOKENS, "stop sequences")
     tokens, steps = self._decode(
         self.frozen, self.trainable, cache, logits, np.int32(max_new_tokens),
-        np.float32(temperature), np.int32(top_k), np.float32(top_p), np.uint32(int(seed) & 0xFFFFFFFF), eos_table,
-        stop_table, np.int32(pad_id), max_new=new)
+        np.float32(temperature), np.int32(top_k), np.float32(top_p),
+        np.uint32(int(seed) & 0xFFFFFFFF), eos_table, stop_table, np.int32(pad_id), max_new=new)
     tokens = np.asarray(jax.device_get(tokens))[:len(rows)]
     self.last_timings = {"prefill_s": prefilled - begin,
                          "decode_s": time.perf_counter() - prefilled,

@@ -21,7 +21,7 @@ FORMAT_VERSION = 1
 
 @dataclasses.dataclass
 class SoftContext:
-  """Soft tokens [num_chunks · tokens_per_chunk, D] (float32) of one context, ready for questions."""
+  """Soft tokens [num_chunks · tokens_per_chunk, D] (float32) of one context, for any question."""
   soft_tokens: np.ndarray
   chunk_mask: np.ndarray          # [num_chunks] int32, 1 for every chunk the soft tokens hold
   chunk_texts: list[str]
