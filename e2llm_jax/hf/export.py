@@ -4,6 +4,7 @@
 """
 
 import argparse
+import copy
 import json
 import os
 import pathlib
@@ -249,6 +250,10 @@ def _write_export(folder: pathlib.Path, run: dict, config: ml_collections.Config
   from safetensors.numpy import save_file
   save_file(bundle.head_state_dict(trainable), str(folder / bundle.ADAPTER_FILE),
             metadata={"format": "pt"})
+  stored_config = copy.deepcopy(run["config"])
+  for tower in bundle.TOWERS:
+    if records[tower]["asset"]:  # found again through its package: no machine path in the export
+      stored_config["model"][tower]["path"] = None
   if not adapters_only:
     shutil.copyfile(pathlib.Path(__file__).with_name(MODELING_FILE), folder / MODELING_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(REMOTE_CODE_CONFIG, indent=2) + "\n")
@@ -259,7 +264,7 @@ def _write_export(folder: pathlib.Path, run: dict, config: ml_collections.Config
       "bases": records,
       "towers": None if adapters_only else dict(bundle.TOWER_FOLDERS),
       "peft": {t: bundle.PEFT_FOLDERS[t] if loras[t] else None for t in bundle.TOWERS},
-      "config": run["config"],
+      "config": stored_config,
   }
   # Written last: a folder without it is not an export (load_export says so).
   (folder / bundle.E2LLM_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
