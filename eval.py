@@ -13,8 +13,9 @@ _CONFIG, _WORKDIR = config_utils.define_cli_flags("Run folder holding the checkp
 def main(argv):
   config_utils.check_no_extra_args(argv)
   config, workdir = _CONFIG.value, _WORKDIR.value
-  config_utils.maybe_initialize_distributed(config)
   preflight.check_eval(config, workdir)
+  config_utils.maybe_initialize_distributed(config)
+  preflight.check_devices(config)
   cli.remove_on_failure(workdir)  # only what this evaluation adds; the run's files stay
   from e2llm_jax.evaluation import suite  # late: config errors above stay fast
 

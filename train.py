@@ -12,8 +12,9 @@ _CONFIG, _WORKDIR = config_utils.define_cli_flags("Run folder: checkpoints, metr
 def main(argv):
   config_utils.check_no_extra_args(argv)
   config, workdir = _CONFIG.value, _WORKDIR.value
-  config_utils.maybe_initialize_distributed(config)
   preflight.check_train(config, workdir)
+  config_utils.maybe_initialize_distributed(config)
+  preflight.check_devices(config)
   # A run that saved a checkpoint can resume, so its files stay even if it fails later.
   cli.remove_on_failure(workdir, keep=lambda: bool(preflight.saved_steps(workdir)))
   from e2llm_jax.training import loop  # late: config errors above stay fast

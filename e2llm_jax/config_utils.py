@@ -372,11 +372,17 @@ def parse_flags(argv: Sequence[str], flag: str = "config") -> list[str]:
   override and the nearest key instead. Runs before anything heavy is imported; `cli.run` prints
   the error as one line with exit status 2.
   """
-  from absl import app
   from absl import flags
 
+  for arg in argv[1:]:
+    match = re.match(rf"^--?{flag}=([^:]*)", arg)
+    if match and not os.path.isfile(match.group(1)):
+      raise errors.ConfigError(f"{arg}: no such config file; pass one of configs/*.py or your own "
+                               "file with a get_config() function")
   try:
-    remaining = app.parse_flags_with_usage(list(argv))
+    remaining = flags.FLAGS(list(argv))
+  except flags.Error as error:  # a bad value or file: absl's text is one line before its help hint
+    raise errors.ConfigError(f"{str(error).strip().splitlines()[0]}; see --helpshort") from None
   except (AttributeError, KeyError) as error:
     text = str(error)
     hint = re.search(r'Did you mean "([^"]+)"', text)

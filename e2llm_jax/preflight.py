@@ -271,17 +271,18 @@ def check_devices(config) -> None:
 
 
 def check_train(config, workdir: str) -> None:
-  """Everything `train.py` can find wrong before it loads weights or writes to `workdir`."""
+  """What `train.py` can find wrong before JAX starts: workdir, data, towers and lengths.
+
+  `check_devices` follows once JAX (and multi-process start-up) is up.
+  """
   check_writable_workdir(workdir)
   check_data(config)
   check_lengths(config)
-  check_devices(config)
 
 
 def check_eval(config, workdir: str) -> None:
-  """Everything `eval.py` can find wrong before it loads weights."""
+  """What `eval.py` can find wrong before JAX starts (then `check_devices`)."""
   check_eval_workdir(workdir)
   check_data(config)
   check_lengths(config)
-  check_devices(config)
 
