@@ -4,6 +4,7 @@ Usage: `cli.run(main)` (argparse: `main(argv)` gets the arguments after the prog
 an exit code or None), or `cli.run(main, flags_parser=...)` for absl tools (train.py, eval.py).
 """
 
+import argparse
 import dataclasses
 import errno
 import os
@@ -38,6 +39,13 @@ class _Output:
 
 _outputs: list[_Output] = []
 _debug = False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors take the one error path (`error: ...; see --help`, exit 2)."""
+
+  def error(self, message: str):
+    raise errors.UserError(f"{message}; see {self.prog} --help")
 
 
 def remove_on_failure(path: str | os.PathLike, keep: Callable[[], bool] | None = None) -> None:

@@ -381,8 +381,10 @@ def parse_flags(argv: Sequence[str], flag: str = "config") -> list[str]:
                                "file with a get_config() function")
   try:
     remaining = flags.FLAGS(list(argv))
-  except flags.Error as error:  # a bad value or file: absl's text is one line before its help hint
-    raise errors.ConfigError(f"{str(error).strip().splitlines()[0]}; see --helpshort") from None
+  except flags.Error as error:  # a bad value, or a config file that raised (its traceback as text)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = f" {lines[-1]}" if any(line.startswith("Traceback") for line in lines) else ""
+    raise errors.ConfigError(f"{lines[0]}{cause}; see --helpshort") from None
   except (AttributeError, KeyError) as error:
     text = str(error)
     hint = re.search(r'Did you mean "([^"]+)"', text)

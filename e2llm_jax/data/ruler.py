@@ -915,7 +915,8 @@ def write_jsonl(samples: Sequence[dict[str, Any]], path: str | pathlib.Path) -> 
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  from e2llm_jax import cli  # pylint: disable=g-import-not-at-top
+  parser = cli.ArgumentParser(
       prog="python -m e2llm_jax.data.ruler",
       description="Write RULER synthetic samples as jsonl, sized in a decoder tokenizer's tokens.")
   parser.add_argument("--task", required=True, choices=[*TASKS, "all"],
