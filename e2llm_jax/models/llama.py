@@ -174,7 +174,7 @@ class Decoder(nn.Module):
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range)
     layer_cls = DecoderLayer
     if cfg.remat:
-      layer_cls = nn.remat(DecoderLayer, static_argnums=(6,),
+      layer_cls = nn.remat(DecoderLayer, static_argnums=(7,),  # `deterministic`; self is 0
                            policy=jax.checkpoint_policies.nothing_saveable)
     self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = layers.RMSNorm(cfg.rms_norm_eps)
