@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(VENV)/.runtime: requirements.txt requirements-assets.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
+
+# The CPU benchmarks at settings that finish in about 15 minutes (bench/RESULTS.md has the full ones).
+bench: $(VENV)/.dev
+	$(PY) bench/long_context.py --lengths 4096,8192 --full-max 8192 --repeats 1
+	$(PY) bench/train_throughput.py --dtypes float32 --steps 3 --no-compile
+	$(PY) bench/roofline.py --steps 3
+	$(PY) bench/scaling.py --steps 2
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -1,0 +1,82 @@
+"""Shared by the benchmarks: each side runs in its own process, reports one JSON line, and its peak memory.
+
+A side that runs out of memory is reported as such; the machine and date go with every result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+RESULT_PREFIX = "SIDE_RESULT "
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "MemoryError", "out of memory", "Cannot allocate memory",
+               "std::bad_alloc")
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident memory (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+  """Median wall seconds of `repeats` calls of `fn` (which must block until its result exists)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def emit(result: dict) -> None:
+  """The side's result, with its peak memory, as the last line of its output."""
+  result = dict(result, peak_rss_mb=round(peak_rss_mb(), 1))
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = None) -> dict:
+  """Run `script --side ...` in a fresh process; its JSON result, or {"oom"|"error": ...}."""
+  command = [sys.executable, script, *args]
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, **(env or {})})
+  except subprocess.TimeoutExpired:
+    return {"error": f"timeout after {timeout_s:.0f} s"}
+  for line in reversed(done.stdout.splitlines()):
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  tail = (done.stderr or "")[-2000:]
+  if done.returncode in (-9, 137) or any(m in tail for m in OOM_MARKERS):
+    return {"oom": True, "returncode": done.returncode}
+  return {"error": f"exit {done.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
+
+
+def machine() -> str:
+  """CPU model, core count, date: the context every figure needs."""
+  model = platform.processor() or "unknown CPU"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  return f"{model}, {os.cpu_count()} cores, {when}"
+
+
+def fmt(result: dict, key: str, digits: int = 2) -> str:
+  if result.get("oom"):
+    return "OOM"
+  if "error" in result:
+    return "error"
+  value = result.get(key)
+  return "-" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,211 @@
+"""Benchmark: training tokens/s of our jitted E2LLM step against transformers + peft doing the same work.
+
+Ends with `train_tokens_per_s_ratio=<ours / best PyTorch variant, float32>`.
+
+Same model and work on both sides: MiniLM-L6 (LoRA on query/key/value/attention output) over B×N
+chunks of T tokens, mean pooling, the 2-layer adapter, SmolLM2-135M (LoRA on q/k/v/o) over
+prefix ‖ soft ‖ query ‖ target, cross entropy on the target tokens, AdamW on LoRA + adapter. Ours is
+`training.step.make_train_step` on a one-device mesh; PyTorch runs eager and under `torch.compile`.
+Each side runs in its own process (sides alternate order between rounds); after a warm-up step the
+median step time of `--steps` steps counts; tokens = encoder tokens + decoder tokens per step.
+
+Usage: `python bench/train_throughput.py [--dtypes float32,bfloat16] [--batch 4] [--chunks 16]
+[--steps 5] [--rounds 1] [--no-compile]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _sides  # pylint: disable=wrong-import-position
+
+ENCODER_LORA, DECODER_LORA = 8, 8
+LORA_ALPHA = 16.0
+
+
+def shapes(args) -> dict:
+  return dict(batch=args.batch, chunks=args.chunks, chunk_tokens=args.chunk_tokens,
+              prefix=args.prefix, query=args.query, target=args.target)
+
+
+def tokens_per_step(s: dict) -> int:
+  decoder = s["prefix"] + s["chunks"] + s["query"] + s["target"]
+  return s["batch"] * (s["chunks"] * s["chunk_tokens"] + decoder)
+
+
+def random_batch(s: dict, seed: int = 0) -> dict:
+  """Token arrays of the model's batch layout, every slot real; half instruction, half recon."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  ids = lambda *shape: rng.integers(5, 20000, shape).astype(np.int32)
+  ones = lambda *shape: np.ones(shape, np.int32)
+  b = s["batch"]
+  return {"chunk_ids": ids(b, s["chunks"], s["chunk_tokens"]),
+          "chunk_token_mask": ones(b, s["chunks"], s["chunk_tokens"]),
+          "chunk_mask": ones(b, s["chunks"]), "prefix_ids": ids(b, s["prefix"]),
+          "prefix_mask": ones(b, s["prefix"]), "query_ids": ids(b, s["query"]),
+          "query_mask": ones(b, s["query"]), "target_ids": ids(b, s["target"]),
+          "target_mask": ones(b, s["target"]), "task": (np.arange(b) % 2).astype(np.int32),
+          "chunks_dropped": np.zeros((b,), np.int32)}
+
+
+def jax_side(s: dict, dtype: str, steps: int) -> dict:
+  import time
+  import jax
+  from e2llm_jax import assets, config_utils, sharding
+  from e2llm_jax.training import state as state_lib, step as step_lib
+  config = config_utils.base_config()
+  config.model.encoder.path = str(assets.minilm_dir())
+  config.model.decoder.path = str(assets.smollm2_gguf())
+  config.model.pooling, config.model.compute_dtype = "mean", dtype
+  config.lora.encoder_rank, config.lora.decoder_rank = ENCODER_LORA, DECODER_LORA
+  config.lora.encoder_alpha = config.lora.decoder_alpha = LORA_ALPHA
+  config.train.batch_size, config.data.max_chunks = s["batch"], s["chunks"]
+  config.data.chunk_tokens = s["chunk_tokens"]
+  config.mesh.shape = (1, 1, 1)
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  setup = state_lib.create_train_state(config, mesh)
+  batch = random_batch(s)
+  step = step_lib.make_train_step(config, setup, batch)
+  shardings = step_lib.batch_shardings_for(config, mesh, batch)
+  batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+  start = time.perf_counter()
+  compiled = step.lower(setup.state, setup.frozen, batch).compile()
+  compile_s = time.perf_counter() - start
+  state = setup.state
+
+  def one():
+    nonlocal state
+    state, metrics = compiled(state, setup.frozen, batch)
+    jax.block_until_ready(metrics)
+
+  one()
+  median, times = _sides.timed(one, steps)
+  return {"seconds": median, "times": times, "compile_s": compile_s}
+
+
+def torch_side(s: dict, dtype: str, steps: int, compile_model: bool) -> dict:
+  import time
+  import peft
+  import torch
+  import transformers
+  from e2llm_jax import assets
+  torch_dtype = getattr(torch, dtype)
+  gguf = assets.smollm2_gguf()
+  decoder = transformers.AutoModelForCausalLM.from_pretrained(
+      gguf.parent, gguf_file=gguf.name, dtype=torch_dtype, attn_implementation="sdpa")
+  encoder = transformers.BertModel.from_pretrained(str(assets.minilm_dir()), dtype=torch_dtype,
+                                                   attn_implementation="sdpa")
+  encoder = peft.get_peft_model(encoder, peft.LoraConfig(
+      r=ENCODER_LORA, lora_alpha=LORA_ALPHA,
+      target_modules=["query", "key", "value", "attention.output.dense"]))
+  decoder = peft.get_peft_model(decoder, peft.LoraConfig(
+      r=DECODER_LORA, lora_alpha=LORA_ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+  width, out = encoder.config.hidden_size, decoder.config.hidden_size
+  adapter = torch.nn.Sequential(torch.nn.Linear(width, out), torch.nn.GELU(),
+                                torch.nn.Linear(out, out)).to(torch_dtype)
+  params = [p for m in (encoder, decoder, adapter) for p in m.parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(params, lr=1e-4)
+  batch = {k: torch.as_tensor(v, dtype=torch.long) for k, v in random_batch(s).items()}
+  embed = decoder.get_input_embeddings()
+  b, n, t = batch["chunk_ids"].shape
+
+  def loss_fn():
+    hidden = encoder(input_ids=batch["chunk_ids"].reshape(b * n, t),
+                     attention_mask=batch["chunk_token_mask"].reshape(b * n, t)).last_hidden_state
+    weights = batch["chunk_token_mask"].reshape(b * n, t, 1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    soft = adapter(pooled).reshape(b, n, -1)
+    embeds = torch.cat([embed(batch["prefix_ids"]), soft, embed(batch["query_ids"]),
+                        embed(batch["target_ids"])], dim=1)
+    target_len = batch["target_ids"].shape[1]
+    # Logits only where a target token is predicted: the last target_len + 1 slots, less one.
+    logits = decoder(inputs_embeds=embeds, logits_to_keep=target_len + 1,
+                     use_cache=False).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             batch["target_ids"].reshape(-1))
+
+  if compile_model:
+    loss_fn = torch.compile(loss_fn)
+
+  def one():
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    optimizer.step()
+
+  start = time.perf_counter()
+  one()  # warm-up (torch.compile compiles here)
+  warmup_s = time.perf_counter() - start
+  median, times = _sides.timed(one, steps)
+  return {"seconds": median, "times": times, "compile_s": warmup_s}
+
+
+SIDES = ("jax", "torch_eager", "torch_compile")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--chunks", type=int, default=16)
+  parser.add_argument("--chunk-tokens", type=int, default=128)
+  parser.add_argument("--prefix", type=int, default=32)
+  parser.add_argument("--query", type=int, default=64)
+  parser.add_argument("--target", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
+  parser.add_argument("--side-timeout", type=float, default=1800)
+  parser.add_argument("--side", help=argparse.SUPPRESS)
+  parser.add_argument("--dtype", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  s = shapes(args)
+  if args.side:
+    if args.side == "jax":
+      result = jax_side(s, args.dtype, args.steps)
+    else:
+      result = torch_side(s, args.dtype, args.steps, args.side == "torch_compile")
+    result["tokens_per_s"] = tokens_per_step(s) / result["seconds"]
+    _sides.emit(dict(result, side=args.side, dtype=args.dtype))
+    return
+
+  print(f"# {_sides.machine()}; shapes {s}; {tokens_per_step(s)} tokens per step")
+  print("dtype side step_s tokens_per_s compile_s peak_MB")
+  sides = [x for x in SIDES if not (args.no_compile and x == "torch_compile")]
+  passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k in ("batch", "chunks", "chunk_tokens", "prefix", "query", "target", "steps")]
+  ratios = {}
+  for dtype in args.dtypes.split(","):
+    runs = {x: [] for x in sides}
+    for round_index in range(args.rounds):
+      for side in (sides if round_index % 2 == 0 else sides[::-1]):
+        runs[side].append(_sides.run_side(__file__, ["--side", side, "--dtype", dtype,
+                                                     *passthrough], args.side_timeout))
+    best = {}
+    for side, results in runs.items():
+      ok = [r for r in results if "seconds" in r]
+      result = results[0]
+      if ok:
+        result = dict(ok[0], tokens_per_s=statistics.median(r["tokens_per_s"] for r in ok))
+        best[side] = result["tokens_per_s"]
+      print(f"{dtype} {side} {_sides.fmt(result, 'seconds')} {_sides.fmt(result, 'tokens_per_s', 0)}"
+            f" {_sides.fmt(result, 'compile_s', 1)} {_sides.fmt(result, 'peak_rss_mb', 0)}",
+            flush=True)
+    torch_best = max((v for k, v in best.items() if k != "jax"), default=None)
+    if "jax" in best and torch_best:
+      ratios[dtype] = best["jax"] / torch_best
+      print(f"{dtype} ours/best_pytorch tokens/s = {ratios[dtype]:.3f}")
+  print(f"train_tokens_per_s_ratio={ratios.get('float32', float('nan')):.3f}")
+
+
+if __name__ == "__main__":
+  main()
