@@ -3,7 +3,6 @@
 `python -m e2llm_jax.hf.export --workdir W --out OUT [--step N] [--overwrite] [--adapters-only]`.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -19,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from e2llm_jax import checkpoint, errors, towers
+from e2llm_jax import checkpoint, cli, errors, towers
 from e2llm_jax.hf import bundle
 from e2llm_jax.hf.configs import decoder_config_to_hf, encoder_config_to_hf
 from e2llm_jax.hf.loading import decoder_tensor_reader, encoder_tensor_reader
@@ -271,7 +270,7 @@ def _write_export(folder: pathlib.Path, run: dict, config: ml_collections.Config
 
 
 def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog="python -m e2llm_jax.hf.export", description=__doc__)
+  parser = cli.ArgumentParser(prog="python -m e2llm_jax.hf.export", description=__doc__)
   parser.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/)")
   parser.add_argument("--out", required=True, help="export folder to create")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
@@ -288,5 +287,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  from e2llm_jax import cli
   cli.run(main)
