@@ -1,6 +1,7 @@
-"""Hugging Face interop: HF folders and GGUF files into our towers, and the maps back to HF names.
+"""Hugging Face interop: HF folders and GGUF files into our towers, and exports back out to HF and PEFT.
 
-`load_encoder`, `load_decoder` and `load_tokenizer` are the stable entry points (DESIGN §4).
+`load_encoder`, `load_decoder` and `load_tokenizer` are the stable entry points (DESIGN §4); exports are
+written by `python -m e2llm_jax.hf.export` and read back by `hf.bundle.load_export`.
 """
 
 from e2llm_jax.hf.configs import (
