@@ -3,6 +3,7 @@
 Also: bucketed calls compile once, a workdir restores and answers, and the answer CLI prints its three parts.
 """
 
+import functools
 import json
 import pathlib
 import subprocess
@@ -54,12 +55,13 @@ def workdir(tmp_path_factory) -> pathlib.Path:
       max_position_embeddings=2048, eos_token_id=decoder_tokenizer.eos_token_id,
       bos_token_id=decoder_tokenizer.bos_token_id, initializer_range=0.5)
   encoder_rng, decoder_rng = jax.random.split(jax.random.key(0))
+  init = lambda module, cfg, rng: jax.jit(functools.partial(module.init_params, cfg))(rng)
   write_tower(root / "encoder", hf.encoder_config_to_hf(encoder_cfg),
-              hf.to_hf_state_dict(encoder_cfg, bert.init_params(encoder_cfg, encoder_rng)))
+              hf.to_hf_state_dict(encoder_cfg, init(bert, encoder_cfg, encoder_rng)))
   for name in ENCODER_FILES:
     (root / "encoder" / name).write_bytes((assets.minilm_dir() / name).read_bytes())
   write_tower(root / "decoder", hf.decoder_config_to_hf(decoder_cfg),
-              hf.to_hf_state_dict(decoder_cfg, llama.init_params(decoder_cfg, decoder_rng)))
+              hf.to_hf_state_dict(decoder_cfg, init(llama, decoder_cfg, decoder_rng)))
   decoder_tokenizer.save_pretrained(str(root / "decoder"))
 
   config = tiny.get_config()
@@ -110,18 +112,23 @@ def test_greedy_with_the_cache_is_the_argmax_of_a_full_forward(engine):
   generated = engine.generate_arrays(batch, steps, eos_token_id=-1)  # -1: never stop
   assert generated.shape == (2, steps)
 
-  model, frozen, trainable = engine.model, engine.frozen, engine.trainable
-  soft = e2llm.soft_tokens(model, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"])
-  embeds, mask = e2llm.splice(model, frozen, soft, batch, with_target=False)  # training layout
   # One causal forward over prompt + generated ids re-runs every step: the logits at the prompt's
-  # last slot and at each generated id predict the next id.
-  new = llama.embed(model.decoder, frozen["decoder"], jnp.asarray(generated[:, :-1]))
-  logits = llama.decoder_forward(
-      model.decoder, frozen["decoder"], inputs_embeds=jnp.concatenate([embeds, new], axis=1),
-      attention_mask=jnp.concatenate([mask, jnp.ones((2, steps - 1), jnp.int32)], axis=1),
-      lora=e2llm.scaled_lora(trainable, "decoder_lora", model.decoder_lora))
-  predicted = np.argmax(np.asarray(logits[:, -steps:]), axis=-1)
-  np.testing.assert_array_equal(predicted, generated)
+  # last slot and at each generated id predict the next id. The prompt is laid out as training
+  # lays it out (e2llm.splice), not as the engine packs it.
+  @jax.jit
+  def full_forward(frozen, trainable, batch, generated):
+    model = engine.model
+    soft = e2llm.soft_tokens(model, frozen, trainable, batch["chunk_ids"],
+                             batch["chunk_token_mask"])
+    embeds, mask = e2llm.splice(model, frozen, soft, batch, with_target=False)
+    new = llama.embed(model.decoder, frozen["decoder"], generated[:, :-1])
+    return llama.decoder_forward(
+        model.decoder, frozen["decoder"], inputs_embeds=jnp.concatenate([embeds, new], axis=1),
+        attention_mask=jnp.concatenate([mask, jnp.ones_like(generated[:, :-1])], axis=1),
+        lora=e2llm.scaled_lora(trainable, "decoder_lora", model.decoder_lora))
+
+  logits = full_forward(engine.frozen, engine.trainable, batch, generated)
+  np.testing.assert_array_equal(np.argmax(np.asarray(logits[:, -steps:]), axis=-1), generated)
 
 
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(engine):
@@ -219,6 +226,17 @@ def test_embed_texts_are_unit_vectors_that_rank_the_same_text_first(engine):
   np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
   query = engine.embed_texts([chunks[3]])[0]
   assert int(np.argmax(vectors @ query)) == 3
+
+
+def test_from_export_answers_like_the_workdir(engine, workdir, tmp_path):
+  from e2llm_jax.hf import export  # pylint: disable=g-import-not-at-top
+  out = export.export(workdir, tmp_path / "export", adapters_only=True)
+  exported = E2LLM.from_export(out)
+  text, question = document(8), "Where was box 28 sent?"
+  context = engine.compress(text)
+  np.testing.assert_allclose(exported.compress(text).soft_tokens, context.soft_tokens, atol=1e-5)
+  assert exported.generate(question, context, max_new_tokens=8) == engine.generate(
+      question, context, max_new_tokens=8)
 
 
 def test_answer_cli_prints_answer_ratio_and_timings(workdir, tmp_path):

@@ -2,10 +2,10 @@
 
 Greedy at temperature 0, else temperature / top-k / top-p sampling keyed per row; stops on EOS, stop ids or the limit.
 
-Prompt layout. Row `b` is its whole prompt left-padded to `L` slots: `ids [B,L]` (decoder ids, pad where a
-slot is not text), `soft_index [B,L]` (the slot's row in `soft [B,S,D]`, -1 for text) and `mask [B,L]`.
-So the last slot of every row is real, the first new token is predicted there, and rows of any lengths
-batch together: positions count real slots only (see `llama.decoder_step`).
+Prompt layout. Row `b` is its whole prompt left-padded to `L` slots: `ids [B,L]` (decoder ids, pad
+where a slot is not text), `soft_index [B,L]` (the slot's row in `soft [B,S,D]`, -1 for text) and
+`mask [B,L]`. So the last slot of every row is real, the first new token is predicted there, and
+rows of any lengths batch together: positions count real slots only (see `llama.decoder_step`).
 """
 
 from typing import Any, Sequence

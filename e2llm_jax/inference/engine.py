@@ -6,7 +6,6 @@ Built from a workdir (config.json + a checkpoint) or in-memory state; shapes are
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
 import time
@@ -17,17 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from e2llm_jax import checkpoint, config_utils, errors, sharding, towers
+from e2llm_jax import errors, sharding
 from e2llm_jax.data import chunking, pipeline, tasks
-from e2llm_jax.inference import decoding
+from e2llm_jax.inference import decoding, loading
 from e2llm_jax.inference.soft_context import SoftContext
 from e2llm_jax.models import bert, e2llm
 
-CONFIG_FILE = "config.json"
-# Config mappings whose keys are the user's (task names, tower sizes): read whole, never merged.
-FREE_FORM_KEYS = ("tasks", "templates", "tfds_names", "random_init")
-CHECKPOINTS_DIR = "checkpoints"
-DEFAULT_MESH_SHAPE = (1, -1, 1)  # every device on fsdp, as the configs train
 MAX_CHUNKS_PER_CALL = 1024  # chunks one encoder call holds (bounds its activations)
 MAX_TEXTS_PER_CALL = 256    # texts one embed_texts call holds
 # Smallest buckets: fewer, larger shapes compile fewer times; padding at these sizes costs little.
@@ -51,38 +45,6 @@ class PromptRow(NamedTuple):
   @property
   def num_soft(self) -> int:
     return 0 if self.soft is None else int(self.soft.shape[0])
-
-
-def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The resolved config training wrote to `workdir/config.json`, over today's base config (so a
-  run written before a key existed reads that key's default)."""
-  path = pathlib.Path(workdir) / CONFIG_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{str(path)!r} does not exist: {str(workdir)!r} is not a training "
-                            "workdir; train first with `python train.py --config=... "
-                            f"--workdir={workdir}`.")
-  config = config_utils.base_config()
-  _overlay(config, json.loads(path.read_text()))
-  return config
-
-
-def _overlay(node: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> None:
-  """Saved JSON values onto `node`: settings sections merge, mappings (FREE_FORM_KEYS) replace."""
-  for key, value in saved.items():
-    current = node[key] if key in node else None
-    if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict) and (
-        key not in FREE_FORM_KEYS):
-      _overlay(current, value)
-    else:
-      node[key] = _from_json(value)
-
-
-def _from_json(value: Any) -> Any:
-  if isinstance(value, dict):
-    return ml_collections.ConfigDict({k: _from_json(v) for k, v in value.items()})
-  if isinstance(value, list):  # JSON has no tuples; configs hold tuples (mesh shape, rules)
-    return tuple(_from_json(v) for v in value)
-  return value
 
 
 def _encode_chunks(model: e2llm.E2LLMConfig, frozen, trainable, ids, mask):
@@ -119,8 +81,7 @@ class E2LLM:
     self.step = step
     if mesh is None:
       mesh = _mesh_of(frozen)
-    self.mesh = mesh if mesh is not None else sharding.make_mesh(DEFAULT_MESH_SHAPE,
-                                                                 config.mesh.axes)
+    self.mesh = mesh if mesh is not None else loading.default_mesh(config)
     batch_axes = dict(sharding.normalize_rules(config.mesh.rules)).get("batch", ())
     self.batch_multiple = math.prod(self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape)
     self.encoder_tokenizer = encoder_tokenizer
@@ -157,44 +118,9 @@ class E2LLM:
   @classmethod
   def from_workdir(cls, workdir: str | pathlib.Path, step: int | None = None,
                    mesh: jax.sharding.Mesh | None = None) -> E2LLM:
-    """The run in `workdir`: its config.json and the trainable params of checkpoint `step`
-    (newest by default); base weights from the config's paths (checked against the checkpoint's
-    fingerprints) or, for random towers, from the checkpoint. `mesh`: all devices on fsdp."""
-    workdir = pathlib.Path(workdir)
-    config = read_config(workdir)
-    mesh = mesh if mesh is not None else sharding.make_mesh(DEFAULT_MESH_SHAPE, config.mesh.axes)
-    rules = config.mesh.rules
-    model, numpy_weights = towers.load_model(config)
-    frozen_rng, trainable_rng, _ = jax.random.split(jax.random.key(int(config.seed)), 3)
-    frozen, frozen_shardings = towers.frozen_towers(model, numpy_weights, mesh, rules, frozen_rng,
-                                                    with_weights=False)
-    abstract_trainable, trainable_shardings = towers.trainable_layout(model, frozen, mesh, rules,
-                                                                      trainable_rng)
-    paths = towers.base_paths(config)
-    random_towers = [name for name, path in paths.items() if not path]
-    abstract_frozen = {name: sharding.abstract_with_shardings(frozen[name], frozen_shardings[name])
-                       for name in random_towers} or None
-    with checkpoint.Checkpointer(workdir / CHECKPOINTS_DIR, 1, 1 << 30, False) as ckpt:
-      steps = ckpt.all_steps()
-      if not steps:
-        raise FileNotFoundError(f"no checkpoint in {str(workdir / CHECKPOINTS_DIR)!r}: train "
-                                f"first with `python train.py --config=... --workdir={workdir}`.")
-      step = max(steps) if step is None else int(step)
-      if step not in steps:
-        raise errors.CheckpointError(f"step {step}: {str(workdir)!r} has checkpoints at steps "
-                         f"{sorted(steps)}; pick one of them.")
-      trainable, meta, restored = ckpt.restore_params(
-          step, sharding.abstract_with_shardings(abstract_trainable, trainable_shardings),
-          abstract_frozen)
-    checkpoint.check_fingerprints(meta, checkpoint.base_weights_meta(
-        {name: path or None for name, path in paths.items()}))
-    frozen = {**frozen, **(restored or {})}
-    encoder_tokenizer = decoder_tokenizer = None
-    if not random_towers:
-      from e2llm_jax import hf  # tokenizers exist only for pretrained towers
-      encoder_tokenizer = hf.load_tokenizer(paths["encoder"])
-      decoder_tokenizer = hf.load_tokenizer(paths["decoder"])
-    return cls(config, model, frozen, trainable, encoder_tokenizer, decoder_tokenizer, mesh, step)
+    """The run in `workdir` (config.json, checkpoint `step`, newest by default); see
+    `loading.load_workdir`. `mesh`: all devices on fsdp."""
+    return cls(*loading.load_workdir(workdir, step, mesh))
 
   @classmethod
   def from_export(cls, export_dir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
@@ -202,20 +128,7 @@ class E2LLM:
                   decoder_path: str | pathlib.Path | None = None) -> E2LLM:
     """A full or adapters-only export (`python -m e2llm_jax.hf.export`); an adapters-only one
     finds its base towers at `*_path`, else where the export recorded them (fingerprint-checked)."""
-    from e2llm_jax import hf  # pylint: disable=g-import-not-at-top
-    from e2llm_jax.hf import bundle  # pylint: disable=g-import-not-at-top
-    saved, model, numpy_frozen, numpy_trainable = bundle.load_export(export_dir, encoder_path,
-                                                                     decoder_path)
-    config = config_utils.base_config()
-    _overlay(config, saved)
-    mesh = mesh if mesh is not None else sharding.make_mesh(DEFAULT_MESH_SHAPE, config.mesh.axes)
-    frozen_rng, trainable_rng, _ = jax.random.split(jax.random.key(int(config.seed)), 3)
-    frozen, _ = towers.frozen_towers(model, numpy_frozen, mesh, config.mesh.rules, frozen_rng)
-    _, trainable_shardings = towers.trainable_layout(model, frozen, mesh, config.mesh.rules,
-                                                     trainable_rng)
-    trainable = jax.device_put(numpy_trainable, trainable_shardings)
-    return cls(config, model, frozen, trainable, hf.load_tokenizer(config.model.encoder.path),
-               hf.load_tokenizer(config.model.decoder.path), mesh)
+    return cls(*loading.load_export(export_dir, mesh, encoder_path, decoder_path))
 
   # -- Text helpers. -------------------------------------------------------------------------------
 
@@ -273,7 +186,7 @@ class E2LLM:
       padded = chunking.pad_chunks(part, rows, tokens, pad_id)
       soft = self._encode(self.frozen, self.trainable, self._batch(padded.ids),
                           self._batch(padded.token_mask))
-      out.append(np.asarray(jax.device_get(soft))[:len(part)])
+      out.append(_host(soft)[:len(part)])
     return np.concatenate(out) if out else np.zeros(
         (0, self.model.tokens_per_chunk, self.model.decoder.hidden_size), np.float32)
 
@@ -292,7 +205,7 @@ class E2LLM:
       padded = chunking.pad_chunks(encoded, rows, width, pad_id)
       pooled = self._embed(self.frozen, self.trainable, self._batch(padded.ids),
                            self._batch(padded.token_mask))
-      out.append(np.asarray(jax.device_get(pooled))[:len(part)])
+      out.append(_host(pooled)[:len(part)])
     return np.concatenate(out) if out else np.zeros((0, self.model.encoder.hidden_size), np.float32)
 
   # -- Generation. ---------------------------------------------------------------------------------
@@ -439,7 +352,7 @@ class E2LLM:
         self.frozen, self.trainable, cache, logits, np.int32(max_new_tokens),
         np.float32(temperature), np.int32(top_k), np.float32(top_p),
         np.uint32(int(seed) & 0xFFFFFFFF), eos_table, stop_table, np.int32(pad_id), max_new=new)
-    tokens = np.asarray(jax.device_get(tokens))[:len(rows)]
+    tokens = _host(tokens)[:len(rows)]
     self.last_timings = {"prefill_s": prefilled - begin,
                          "decode_s": time.perf_counter() - prefilled,
                          "new_tokens": float(jax.device_get(steps))}
@@ -449,6 +362,14 @@ class E2LLM:
     """`array` placed with its leading axis over the mesh's batch axes."""
     return jax.device_put(array, sharding.batch_sharding(self.mesh, self.config.mesh.rules,
                                                          array.ndim))
+
+
+def _host(array: jax.Array) -> np.ndarray:
+  """A global array as numpy on every process (gathered when other processes hold some rows)."""
+  if getattr(array, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(array))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def _real(ids: np.ndarray, mask: np.ndarray) -> list[int]:
