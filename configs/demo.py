@@ -60,6 +60,6 @@ def get_config(arg=None):
   c.eval.tasks = "niah_single_1,niah_single_2,vt,qa_1"
   c.eval.lengths = (4096, 8192)
   c.eval.baselines = "full,none,rag"
-  c.eval.num_samples = 3
-  c.eval.batch_size = 3
+  c.eval.num_samples = 2
+  c.eval.batch_size = 2
   return c

@@ -93,19 +93,27 @@ def held_out_ruler_tasks(config) -> list[str]:
   return [n for n in config.data.tasks if n in ruler.TASKS] or [DEFAULT_RULER_TASK]
 
 
-def evaluate_text(config, engine: Any, chunker: Any) -> dict:
-  """E2LLM's RULER score on held-out samples of the run's RULER tasks at its training length."""
+def held_out_text_samples(config, tokenizer: Any, chunker: Any) -> list[tuple[Any, int, list]]:
+  """(task, length, samples) of each RULER task a text run is scored on, at its training length
+  (`data.ruler_max_seq_length`, else the longest whose contexts fill `data.max_chunks` chunks)."""
   names = held_out_ruler_tasks(config)
   per_task = max(int(config.train.eval_examples) // len(names), 1)
-  result = {}
+  prepared = []
   for name in names:
-    length = config.data.ruler_max_seq_length or pipeline.fit_ruler_length(
-        name, chunker, int(config.data.max_chunks), engine.decoder_tokenizer, int(config.seed))
-    task = runner.RulerTask(name, engine.decoder_tokenizer, int(config.seed),
-                            int(config.data.target_tokens))
-    samples = task.samples(int(length), per_task)
-    row, records = runner.run_one(task, int(length), samples, predictors.E2LLMPredictor(engine),
-                                  min(int(config.train.batch_size), per_task))
+    length = int(config.data.ruler_max_seq_length or pipeline.fit_ruler_length(
+        name, chunker, int(config.data.max_chunks), tokenizer, int(config.seed)))
+    task = runner.RulerTask(name, tokenizer, int(config.seed), int(config.data.target_tokens))
+    prepared.append((task, length, task.samples(length, per_task)))
+  return prepared
+
+
+def evaluate_text(config, engine: Any, prepared: list[tuple[Any, int, list]]) -> dict:
+  """E2LLM's RULER score on the held-out samples of `held_out_text_samples`."""
+  result = {}
+  for task, length, samples in prepared:
+    name = task.name
+    row, records = runner.run_one(task, length, samples, predictors.E2LLMPredictor(engine),
+                                  min(int(config.train.batch_size), len(samples)))
     result[f"{name}/score"] = row["score"]
     result[f"{name}/example_prediction"] = records[0]["pred"]
   scores = [v for k, v in result.items() if k.endswith("/score")]
@@ -124,6 +132,7 @@ class HeldOutEvaluator:
   def __init__(self, config, model: e2llm.E2LLMConfig, frozen: Any, mesh: Any, data: Any):
     self.config, self.model, self.frozen, self.mesh, self.data = config, model, frozen, mesh, data
     self.engine = None
+    self.samples = None  # generated at the first evaluation, reused by the next ones
 
   @property
   def is_passkey(self) -> bool:
@@ -141,6 +150,7 @@ class HeldOutEvaluator:
       self.engine = E2LLM.from_state(config, self.model, self.frozen, trainable,
                                      encoder.chunker.tokenizer, encoder.decoder_tokenizer,
                                      mesh=self.mesh)
+      self.samples = held_out_text_samples(config, encoder.decoder_tokenizer, encoder.chunker)
     else:
       self.engine.trainable = trainable
-    return evaluate_text(config, self.engine, encoder.chunker)
+    return evaluate_text(config, self.engine, self.samples)

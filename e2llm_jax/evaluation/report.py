@@ -73,6 +73,9 @@ def plot_scores(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> pathlib.P
       panel.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
     panel.set_title(task)
     panel.set_xscale("log", base=2)
+    lengths = sorted({r["length"] for r in sized if r["task"] == task})
+    panel.set_xticks(lengths, [str(n) for n in lengths])
+    panel.minorticks_off()
     panel.set_xlabel("context length (decoder tokens)")
     panel.set_ylabel("score")
     panel.set_ylim(-2, 102)
@@ -107,17 +110,19 @@ def plot_depth_heatmap(samples: Sequence[dict[str, Any]], path: pathlib.Path) ->
     return None
   plt = _pyplot()
   import numpy as np  # pylint: disable=g-import-not-at-top
-  figure, axes = plt.subplots(1, len(methods), figsize=(3.5 * len(methods) + 1, 4), squeeze=False)
+  figure, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods) + 2, 4), squeeze=False,
+                              sharey=True)
   image = None
   for panel, method in zip(axes.flat, methods):
     lengths, grid = depth_grid(samples, method)
     values = np.array([[np.nan if v is None else v for v in row] for row in grid], float)
     image = panel.imshow(values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
     panel.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    step = 100 // DEPTH_BUCKETS
-    panel.set_yticks(range(DEPTH_BUCKETS), [f"{i * step}–{(i + 1) * step}%" for i in range(DEPTH_BUCKETS)])
     panel.set_title(method)
     panel.set_xlabel("context length")
+  step = 100 // DEPTH_BUCKETS
+  axes.flat[0].set_yticks(range(DEPTH_BUCKETS),
+                          [f"{i * step}–{(i + 1) * step}%" for i in range(DEPTH_BUCKETS)])
   axes.flat[0].set_ylabel("needle depth")
   figure.colorbar(image, ax=list(axes.flat), label="score")
   figure.savefig(path, dpi=100)
