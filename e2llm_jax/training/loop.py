@@ -40,7 +40,8 @@ class StopRequest:
   def install(self) -> "StopRequest":
     if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       for signum in (signal.SIGINT, signal.SIGTERM):
-        self._previous[signum] = signal.signal(signum, self._handle)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of a background job
+          self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum: int, frame) -> None:
