@@ -100,8 +100,7 @@ class E2LLM:
     self._embed = jax.jit(functools.partial(_embed_texts, model))
     self._prefill = jax.jit(functools.partial(decoding.prefill, model),
                             static_argnames=("cache_length",))
-    self._decode = jax.jit(functools.partial(decoding.decode, model),
-                           static_argnames=("max_new",), donate_argnames=("cache",))
+    self._decode = jax.jit(functools.partial(decoding.decode, model), static_argnames=("max_new",))
 
   # -- Construction. -------------------------------------------------------------------------------
 
