@@ -119,8 +119,11 @@ def _layout_mismatches(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
   problems = [f"{name} is missing from the checkpoint" for name in sorted(set(wanted) - set(saved))]
   problems += [f"{name} is in the checkpoint but not in the current state"
                for name in sorted(set(saved) - set(wanted))]
-  problems += [f"{name} is {' '.join(map(str, saved[name]))} on disk but "
-               f"{' '.join(map(str, wanted[name]))} now"
+  def describe(entry, other):  # the dtype only where it is what differs
+    return f"{entry[0]}" + (f" {entry[1]}" if entry[1] != other[1] else "")
+
+  problems += [f"{name} is {describe(saved[name], wanted[name])} on disk but "
+               f"{describe(wanted[name], saved[name])} now"
                for name in sorted(set(saved) & set(wanted)) if saved[name] != wanted[name]]
   return problems[:limit] + ([f"and {len(problems) - limit} more"] if len(problems) > limit else [])
 
