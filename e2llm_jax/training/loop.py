@@ -176,33 +176,55 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
   log_every = max(int(config.train.log_every), 1)
   tokens = 0
   state = setup.state
+  first_global = _global(first_batch, batch_shardings)
+  if start < total:
+    train_step = step_lib.compile_with_memory_report(train_step, state, setup.frozen, first_global)
+
+  def record(done, device_metrics):
+    """Read one step's metrics: stop on too many non-finite steps, log every log_every steps."""
+    nonlocal tokens
+    metrics = jax.device_get(device_metrics)
+    tokens += int(metrics["decoder_tokens"]) + int(metrics["encoder_tokens"])
+    if int(metrics["bad_steps"]) >= int(config.train.max_bad_steps):
+      raise NonFiniteLossError(
+          f"{metrics['bad_steps']} consecutive steps ending at step {done} had a non-finite "
+          f"loss or gradient; stopped. Checkpoint step {ckpt.latest_step()} in "
+          f"{ckpt.directory} is intact: lower optim.lr, raise optim.warmup_steps or use "
+          "model.compute_dtype=float32, then re-run to resume from it.")
+    if done % log_every == 0 or done == total:
+      writer.write(done, metrics, tokens=tokens)
+      tokens = 0
+
+  # A step's metrics are read once the next step is dispatched, so the host never idles the
+  # device; steps that save, evaluate or stop read theirs at once (their state is needed as is).
+  pending = None
   stop = StopRequest().install()
   try:
     for step in range(start, total):
-      batch = _global(first_batch if step == start else _model_arrays(next(data)),
-                      batch_shardings)
+      batch = first_global if step == start else _global(_model_arrays(next(data)),
+                                                         batch_shardings)
       state, metrics = train_step(state, setup.frozen, batch)
-      metrics = jax.device_get(metrics)
-      tokens += int(metrics["decoder_tokens"]) + int(metrics["encoder_tokens"])
       done = step + 1
-      if int(metrics["bad_steps"]) >= int(config.train.max_bad_steps):
-        raise NonFiniteLossError(
-            f"{metrics['bad_steps']} consecutive steps ending at step {done} had a non-finite "
-            f"loss or gradient; stopped. Checkpoint step {ckpt.latest_step()} in "
-            f"{ckpt.directory} is intact: lower optim.lr, raise optim.warmup_steps or use "
-            "model.compute_dtype=float32, then re-run to resume from it.")
-      if done % log_every == 0 or done == total:
-        writer.write(done, metrics, tokens=tokens)
-        tokens = 0
-      if config.train.eval_every and done % int(config.train.eval_every) == 0 and done < total:
+      if pending is not None:
+        record(*pending)
+        pending = None
+      eval_due = bool(config.train.eval_every) and done % int(config.train.eval_every) == 0
+      stopping = stop_after is not None and done >= stop_after
+      save_due = done == total or ckpt.should_save(done)
+      if not (save_due or ((eval_due or stopping) and done < total) or stop.signum is not None):
+        pending = (done, metrics)
+        continue
+      record(done, metrics)
+      if eval_due and done < total:
         writer.write_eval(done, evaluate(state["trainable"]))
-      if stop_after is not None and done >= stop_after and done < total:
+      if stopping and done < total:
         return {}
       if stop.signum is not None:
         raise _stop_now(ckpt, stop.signum, done, lambda: ckpt.save(
             done, state, data.get_state(), config_json, meta, frozen=random_frozen, force=True))
-      ckpt.save(done, state, data.get_state(), config_json, meta, frozen=random_frozen,
-                force=done == total)
+      if save_due:
+        ckpt.save(done, state, data.get_state(), config_json, meta, frozen=random_frozen,
+                  force=True)
     setup.state = state
     if int(config.train.eval_examples) <= 0:
       return {}

@@ -3,6 +3,7 @@
 Gradients flow to the trainable tree only; microbatches accumulate with lax.scan; non-finite steps are skipped.
 """
 
+import sys
 from typing import Any
 
 import jax
@@ -112,6 +113,29 @@ def make_train_step(config, setup: TrainSetup, batch_example: dict):
                  in_shardings=(setup.state_shardings, setup.frozen_shardings, batch_shardings),
                  out_shardings=(setup.state_shardings, replicated),
                  donate_argnames=("state",))
+
+
+def compile_with_memory_report(train_step, state, frozen, batch, stream=None):
+  """Compile the jitted step for these arrays before step 1 and print (process 0) what XLA plans
+  to hold on each device; returns the compiled step, which later calls use as they are."""
+  compiled = train_step.lower(state, frozen, batch).compile()
+  if jax.process_index() == 0:
+    print(memory_report(compiled), file=stream or sys.stderr, flush=True)
+  return compiled
+
+
+def memory_report(compiled) -> str:
+  """One line: per-device bytes of the compiled SPMD step (arguments, outputs, temporaries)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return "train step memory per device: not reported by this backend"
+  mib = lambda n: f"{n / 2**20:.1f} MiB"
+  shardings = jax.tree.leaves(compiled.input_shardings)
+  devices = len(shardings[0].device_set) if shardings else 1
+  return (f"train step memory per device ({devices} devices, same plan on each): arguments "
+          f"{mib(stats.argument_size_in_bytes)}, outputs {mib(stats.output_size_in_bytes)} "
+          f"({mib(stats.alias_size_in_bytes)} reuse donated inputs), temporaries "
+          f"{mib(stats.temp_size_in_bytes)}, code {mib(stats.generated_code_size_in_bytes)}")
 
 
 def batch_shardings_for(config, mesh, batch_example: dict) -> dict:
