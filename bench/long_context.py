@@ -66,6 +66,19 @@ def make_inputs(length: int) -> dict:
           "chunk_mask": padded.token_mask}
 
 
+def to_device(params: dict, dtype: str) -> dict:
+  """Host weights onto the device one tensor at a time, each host copy dropped once it is placed
+  (a whole-tree map would hold both copies at once: the peak memory a user would see)."""
+  import jax.numpy as jnp
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(params)
+  params.clear()
+  placed = {}
+  for key in list(flat):
+    placed[key] = jnp.asarray(flat.pop(key), dtype)
+  return traverse_util.unflatten_dict(placed)
+
+
 def jax_side(kind: str, inputs: dict, dtype: str, repeats: int) -> dict:
   import dataclasses
   import time
@@ -76,8 +89,7 @@ def jax_side(kind: str, inputs: dict, dtype: str, repeats: int) -> dict:
   from e2llm_jax.models import e2llm, llama
   dec_cfg, dec_params = hf.load_decoder(str(assets.smollm2_gguf()))
   dec_cfg = dataclasses.replace(dec_cfg, dtype=dtype)
-  cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
-  frozen = {"decoder": cast(dec_params)}
+  frozen = {"decoder": to_device(dec_params, dtype)}
   last_logits = lambda embeds: llama.logits_from_hidden(
       dec_cfg, frozen["decoder"], llama.decoder_forward(
           dec_cfg, frozen["decoder"], inputs_embeds=embeds, return_hidden=True)[:, -1:])
@@ -89,7 +101,7 @@ def jax_side(kind: str, inputs: dict, dtype: str, repeats: int) -> dict:
   else:
     enc_cfg, enc_params = hf.load_encoder(str(assets.minilm_dir()))
     enc_cfg = dataclasses.replace(enc_cfg, dtype=dtype)
-    frozen["encoder"] = cast(enc_params)
+    frozen["encoder"] = to_device(enc_params, dtype)
     cfg = e2llm.E2LLMConfig(encoder=enc_cfg, decoder=dec_cfg, pooling="mean")
     trainable = e2llm.init_trainable(cfg, frozen, jax.random.key(0))
 
