@@ -162,7 +162,8 @@ def evaluate(tasks: Sequence[Any], lengths: Sequence[int], predictors: Sequence[
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=len(plan) * len(predictors) * num_samples, unit="sample", desc="eval")
+    total = len(plan) * len(predictors) * num_samples if num_samples > 0 else None  # 0: all
+    bar = tqdm.tqdm(total=total, unit="sample", desc="eval")
   rows, records = [], []
   try:
     for task, length in plan:
