@@ -87,7 +87,6 @@ def long_context(args, config, length: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from e2llm_jax.models import bert, e2llm, llama
-  from e2llm_jax.training import state as state_lib
   from e2llm_jax import towers
   cfg, _ = towers.load_model(config)
   rng = jax.random.key(0)
@@ -98,26 +97,29 @@ def long_context(args, config, length: int) -> dict:
   chunk_tokens = config.data.chunk_tokens
   num_chunks = length // chunk_tokens
   ids = np.random.default_rng(0).integers(5, 1000, (1, length)).astype(np.int32)
-  last = lambda embeds: jnp.argmax(llama.logits_from_hidden(cfg.decoder, frozen["decoder"],
-      llama.decoder_forward(cfg.decoder, frozen["decoder"], inputs_embeds=embeds,
+  # Weights are arguments of the jitted functions, never closed over (they would be constants).
+  last = lambda decoder, embeds: jnp.argmax(llama.logits_from_hidden(cfg.decoder, decoder,
+      llama.decoder_forward(cfg.decoder, decoder, inputs_embeds=embeds,
                             return_hidden=True)[:, -1:]), axis=-1)
 
-  def e2llm_first(chunk_ids):
+  def e2llm_first(frozen, trainable, chunk_ids):
     soft = e2llm.soft_tokens(cfg, frozen, trainable, chunk_ids, jnp.ones_like(chunk_ids))
     question = llama.embed(cfg.decoder, frozen["decoder"], chunk_ids[0, :1, :64])
-    return last(jnp.concatenate([soft.astype(question.dtype), question], axis=1))
+    return last(frozen["decoder"], jnp.concatenate([soft.astype(question.dtype), question], axis=1))
 
-  def full_first(ids):
-    return last(llama.embed(cfg.decoder, frozen["decoder"], ids))
+  def full_first(frozen, trainable, ids):
+    del trainable
+    return last(frozen["decoder"], llama.embed(cfg.decoder, frozen["decoder"], ids))
 
   result = {"length": length, "chunks": num_chunks}
   runs = (("e2llm", e2llm_first, ids.reshape(1, num_chunks, chunk_tokens)),
           ("full", full_first, ids))
   for name, fn, inputs in runs:
     try:
-      compiled = jax.jit(fn).lower(inputs).compile()
-      compiled(inputs).block_until_ready()
-      result[f"{name}_s"], _ = _sides.timed(lambda: compiled(inputs).block_until_ready(), 3)
+      args = (frozen, trainable, inputs)
+      compiled = jax.jit(fn).lower(*args).compile()
+      compiled(*args).block_until_ready()
+      result[f"{name}_s"], _ = _sides.timed(lambda: compiled(*args).block_until_ready(), 3)
     except Exception as error:  # pylint: disable=broad-except
       oom = any(m in str(error) for m in _sides.OOM_MARKERS)
       result[f"{name}_s"] = "OOM" if oom else f"error: {str(error)[:200]}"

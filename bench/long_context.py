@@ -90,13 +90,14 @@ def jax_side(kind: str, inputs: dict, dtype: str, repeats: int) -> dict:
   dec_cfg, dec_params = hf.load_decoder(str(assets.smollm2_gguf()))
   dec_cfg = dataclasses.replace(dec_cfg, dtype=dtype)
   frozen = {"decoder": to_device(dec_params, dtype)}
-  last_logits = lambda embeds: llama.logits_from_hidden(
-      dec_cfg, frozen["decoder"], llama.decoder_forward(
-          dec_cfg, frozen["decoder"], inputs_embeds=embeds, return_hidden=True)[:, -1:])
+  # Weights are arguments of every jitted function here, never closed over (constants).
+  last_logits = lambda decoder, embeds: llama.logits_from_hidden(
+      dec_cfg, decoder, llama.decoder_forward(
+          dec_cfg, decoder, inputs_embeds=embeds, return_hidden=True)[:, -1:])
   if kind == "jax_full":
     ids = np.concatenate([inputs["prefix"], inputs["context"], inputs["question"]])[None]
     run = jax.jit(lambda frozen, ids: jnp.argmax(last_logits(
-        llama.embed(dec_cfg, frozen["decoder"], ids)), axis=-1))
+        frozen["decoder"], llama.embed(dec_cfg, frozen["decoder"], ids)), axis=-1))
     args = (frozen, ids)
   else:
     enc_cfg, enc_params = hf.load_encoder(str(assets.minilm_dir()))
@@ -110,7 +111,7 @@ def jax_side(kind: str, inputs: dict, dtype: str, repeats: int) -> dict:
       embed = lambda ids: llama.embed(dec_cfg, frozen["decoder"], ids[None])
       embeds = jnp.concatenate([embed(prefix), soft.astype(embed(prefix).dtype), embed(question)],
                                axis=1)
-      return jnp.argmax(last_logits(embeds), axis=-1)
+      return jnp.argmax(last_logits(frozen["decoder"], embeds), axis=-1)
 
     run = jax.jit(first_token)
     args = (frozen, trainable, inputs["chunk_ids"], inputs["chunk_mask"], inputs["prefix"],
