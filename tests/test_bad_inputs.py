@@ -1,5 +1,5 @@
-"""Every user mistake through the CLIs: exit code 2, one `error:` line naming the fix, no traceback,
-and the workdir exactly as it was. Each case is its own CLI process; independent cases run side by side.
+"""Every user mistake through the CLIs: exit code 2, one `error:` line naming the fix, no
+traceback, and the workdir as it was. Each case is its own CLI process; cases run side by side.
 """
 
 import concurrent.futures
@@ -58,8 +58,8 @@ def get_config(arg=None):
 def _environment(cache: pathlib.Path) -> dict:
   env = dict(os.environ)
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop("E2LLM_DEBUG", None)
   return env
 
@@ -78,7 +78,7 @@ def listing(path: pathlib.Path) -> dict[str, int] | None:
   return {str(f.relative_to(path)): f.stat().st_size for f in path.rglob("*") if f.is_file()}
 
 
-def _write_bert(folder: pathlib.Path, seed: int, drop: str | None = None,
+def write_bert(folder: pathlib.Path, seed: int, drop: str | None = None,
                 reshape: str | None = None) -> pathlib.Path:
   """A tiny random BERT in HF layout (config.json + model.safetensors), optionally broken."""
   folder.mkdir(parents=True)
@@ -104,14 +104,13 @@ def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("inputs")
   f = {"root": root, "config": root / "cfg.py"}
   f["config"].write_text(CONFIG_FILE.format(tiny=str(ROOT / "configs" / "tiny.py")))
-  f["bert"] = _write_bert(root / "bert", seed=0)
-  f["bert_other"] = _write_bert(root / "bert_other", seed=1)  # same shapes, other values
+  f["bert"] = write_bert(root / "bert", seed=0)
   cfg = configs.encoder_config_from_hf(TINY_BERT)
   names = list(weight_names.encoder_weight_map(cfg))
   f["missing_name"] = names[3]
-  f["bert_missing"] = _write_bert(root / "bert_missing", seed=0, drop=names[3])
+  f["bert_missing"] = write_bert(root / "bert_missing", seed=0, drop=names[3])
   f["misshaped_name"] = "embeddings.word_embeddings.weight"
-  f["bert_misshaped"] = _write_bert(root / "bert_misshaped", seed=0,
+  f["bert_misshaped"] = write_bert(root / "bert_misshaped", seed=0,
                                     reshape="embeddings.word_embeddings.weight")
   f["no_weights"] = root / "no_weights"
   f["no_weights"].mkdir()
@@ -124,9 +123,6 @@ def files(tmp_path_factory):
   f["gpt2"].mkdir()
   (f["gpt2"] / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
   (f["gpt2"] / "model.safetensors").write_bytes(b"not read")
-  f["no_config"] = root / "no_config"
-  f["no_config"].mkdir()
-  (f["no_config"] / "model.safetensors").write_bytes(b"not read")
   f["gguf_file"] = root / "model.gguf"
   f["gguf_file"].write_bytes(b"GGUF not read")
   f["a_file"] = root / "a_file"
@@ -137,7 +133,6 @@ def files(tmp_path_factory):
       "all_bad": b'{"context": "caf\xe9", "prompt": "q", "answer": "y"}\n',
       "empty": b"",
       "bad_json": b'{"context": "a", "prompt": \n',
-      "no_layout": b'{"text": "a", "label": 1}\n',
       "blank_context": b'{"context": "   ", "prompt": "q", "answer": "x"}\n',
   }
   for name, content in jsonl.items():
@@ -164,7 +159,8 @@ def _case_table(f) -> dict[str, tuple]:
 
   cases = {
       # Config values: caught while parsing, before JAX is imported.
-      "misspelled_key": (*train("--config.optim.lrr=1"), ["--config.optim.lrr", "did you mean 'lr'"]),
+      "misspelled_key": (*train("--config.optim.lrr=1"),
+                         ["--config.optim.lrr", "did you mean 'lr'"]),
       "wrong_type": (*train("--config.train.steps=abc"), ["--config.train.steps=abc"]),
       "negative_lr": (*train("--config.optim.lr=-0.001"), ["optim.lr=-0.001", "positive"]),
       "zero_lr": (*train("--config.optim.lr=0.0"), ["optim.lr=0.0", "positive"]),
@@ -204,9 +200,6 @@ def _case_table(f) -> dict[str, tuple]:
                                ["is a file", "cannot be created"]),
       "chunk_longer_than_encoder": (*train("--config.data.chunk_tokens=1024"),
                                     ["data.chunk_tokens=1024", "512 positions"]),
-      "chunk_longer_than_hf_encoder": ("train", [f"--config={cfg}:encoder={f['bert']}",
-                                                 f"--workdir={w}", "--config.data.chunk_tokens=65"],
-                                       ["data.chunk_tokens=65", "64 positions", "config.json"]),
       "sequence_longer_than_decoder": (*train("--config.data.target_tokens=4000"),
                                        ["4000", "2048 positions", "data.max_chunks"]),
       "mesh_not_dividing_devices": (*train("--config.mesh.shape=3,-1,1"),
@@ -234,8 +227,6 @@ def _case_table(f) -> dict[str, tuple]:
                           ["model_type 'gpt2' is not supported"]),
       "gguf_as_encoder": ("train", [f"--config={cfg}:encoder={f['gguf_file']}", f"--workdir={w}"],
                           ["model.gguf", "is a file", "BERT-family folder"]),
-      "folder_without_config": ("train", [f"--config={cfg}:encoder={f['no_config']}",
-                                          f"--workdir={w}"], ["no config.json"]),
       "tensor_missing": ("train", [f"--config={cfg}:encoder={f['bert_missing']}",
                                    f"--workdir={w}"], ["missing (1)", f["missing_name"]]),
       "tensor_misshaped": ("train", [f"--config={cfg}:encoder={f['bert_misshaped']}",
@@ -247,7 +238,6 @@ def _case_table(f) -> dict[str, tuple]:
                                   ["all_bad.jsonl holds no records", "1 bad lines were skipped"]),
       "jsonl_empty": ("train", jsonl("empty"), ["empty.jsonl holds no records"]),
       "jsonl_bad_json": ("train", jsonl("bad_json"), ["bad_json.jsonl, line 1", "not valid JSON"]),
-      "jsonl_unknown_layout": ("train", jsonl("no_layout"), ["match no layout", "line 1"]),
       "jsonl_blank_context": ("train", jsonl("blank_context"),
                               ["blank_context.jsonl, line 1", "context is empty"]),
       "jsonl_missing": ("train", [f"--config={cfg}:{text},task=mine,jsonl={f['root']}/nope.jsonl,"
@@ -303,7 +293,7 @@ def results(files, env):
     futures = {name: pool.submit(timed, tool, args) for name, (tool, args, _, _) in table.items()}
     outcomes = {name: future.result() for name, future in futures.items()}
   if os.environ.get("E2LLM_TEST_TIMES"):
-    print({name: round(r.seconds, 1) for name, r in sorted(outcomes.items(), key=lambda x: -x[1].seconds)})
+    print({name: round(r.seconds, 1) for name, r in outcomes.items()})
   return table, outcomes
 
 
@@ -347,34 +337,3 @@ def test_debug_shows_the_traceback(files, env):
     result = _run("train", args + extra_args, {**env, **extra_env})
     assert result.returncode == 2 and "is a file" in error_lines(result.stderr)[0]
     assert ("Traceback" in result.stderr) == bool(extra_args or extra_env), result.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def trained(files, env, tmp_path_factory):
-  """A two-step run whose encoder comes from a folder (so its fingerprint is recorded)."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  result = _run("train", [f"--config={files['config']}:encoder={files['bert']}",
-                          f"--workdir={workdir}", "--config.train.steps=2",
-                          "--config.ckpt.every_steps=1", "--config.train.eval_examples=0"], env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
-def test_resume_on_other_weights_names_both_fingerprints(files, env, trained):
-  before = listing(trained)
-  result = _run("train", [f"--config={files['config']}:encoder={files['bert_other']}",
-                          f"--workdir={trained}", "--config.train.steps=3",
-                          "--config.ckpt.every_steps=1", "--config.train.eval_examples=0"], env)
-  assert_clean_user_error(result, ["Base weights differ", str(files["bert"]),
-                                   str(files["bert_other"]), "sha256:"])
-  assert error_lines(result.stderr)[0].count("sha256:") == 2
-  assert listing(trained) == before
-
-
-def test_resume_with_another_lora_rank_names_the_mismatch(files, env, trained):
-  before = listing(trained)
-  result = _run("train", [f"--config={files['config']}:encoder={files['bert']}",
-                          f"--workdir={trained}", "--config.train.steps=3",
-                          "--config.lora.decoder_rank=2", "--config.train.eval_examples=0"], env)
-  assert_clean_user_error(result, ["does not fit", "LoRA ranks"])
-  assert listing(trained) == before

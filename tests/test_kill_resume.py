@@ -1,6 +1,7 @@
-"""Kill anywhere: SIGKILL at random moments (one during an async checkpoint write), SIGTERM, and a
-damaged newest checkpoint; the same command then resumes, and the final trainable parameters equal
-bitwise those of an uninterrupted run (CPU, tiny config, train.py as a subprocess).
+"""Kill anywhere: SIGKILL at random moments (one during an async checkpoint write), SIGTERM, a
+damaged newest checkpoint; the same command then resumes to bitwise the parameters of an
+uninterrupted run (CPU; tiny config, encoder from a folder; train.py as a subprocess). That run's
+checkpoint then refuses other base weights and another LoRA rank.
 """
 
 import json
@@ -17,14 +18,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from test_bad_inputs import CONFIG_FILE, assert_clean_user_error, error_lines, listing, write_bert
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 16, 2
 KILLS = 5
 TIMEOUT_S = 300
 TMP_MARKER = ".orbax-checkpoint-tmp"
-ARGS = ["--config=configs/tiny.py", f"--config.train.steps={STEPS}",
-        f"--config.ckpt.every_steps={EVERY}", "--config.ckpt.keep=2",
-        "--config.train.eval_examples=0", "--config.train.log_every=1"]
+ARGS = [f"--config.train.steps={STEPS}", f"--config.ckpt.every_steps={EVERY}",
+        "--config.ckpt.keep=2", "--config.train.eval_examples=0", "--config.train.log_every=1"]
 
 
 def _environment(cache: pathlib.Path) -> dict:
@@ -35,9 +37,12 @@ def _environment(cache: pathlib.Path) -> dict:
   return env
 
 
-def _start(workdir: pathlib.Path, env: dict, log: pathlib.Path) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "train.py", *ARGS, f"--workdir={workdir}"], cwd=ROOT,
-                          env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+def _start(workdir: pathlib.Path, env: dict, log: pathlib.Path,
+           encoder: pathlib.Path | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+  config = env["TEST_CONFIG"] + f":encoder={encoder or env['TEST_ENCODER']}"
+  return subprocess.Popen([sys.executable, "train.py", f"--config={config}", *ARGS, *extra,
+                           f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=open(log, "w"))
 
 
 def _finish(process: subprocess.Popen, log: pathlib.Path) -> tuple[int, str]:
@@ -54,7 +59,9 @@ def logged_steps(log: pathlib.Path) -> int:
 
 def saved_steps(workdir: pathlib.Path) -> list[int]:
   folder = workdir / "checkpoints"
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
 def saving_now(workdir: pathlib.Path) -> bool:
@@ -84,7 +91,11 @@ def losses(workdir: pathlib.Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  return _environment(tmp_path_factory.getbasetemp() / "jax_cache")
+  root = tmp_path_factory.mktemp("towers")
+  (root / "cfg.py").write_text(CONFIG_FILE.format(tiny=str(ROOT / "configs" / "tiny.py")))
+  write_bert(root / "bert_other", seed=1)  # same shapes, other values
+  return {**_environment(tmp_path_factory.getbasetemp() / "jax_cache"),
+          "TEST_CONFIG": str(root / "cfg.py"), "TEST_ENCODER": str(write_bert(root / "bert", 0))}
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +196,23 @@ def test_damaged_only_checkpoint_stops_with_one_line(env, reference, tmp_path):
   assert f"checkpoint step {STEPS} in {workdir / 'checkpoints'} is damaged" in text
   errors = [line for line in text.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "every checkpoint" in errors[0] and f"[{STEPS}]" in errors[0]
+
+
+def test_resume_on_other_base_weights_names_both_fingerprints(env, reference, tmp_path):
+  before = listing(reference)
+  other = pathlib.Path(env["TEST_ENCODER"]).parent / "bert_other"
+  log = tmp_path / "log.txt"
+  code, text = _finish(_start(reference, env, log, encoder=other), log)
+  result = subprocess.CompletedProcess([], code, "", text)
+  assert_clean_user_error(result, ["Base weights differ", env["TEST_ENCODER"], str(other)])
+  assert error_lines(text)[0].count("sha256:") == 2
+  assert listing(reference) == before
+
+
+def test_resume_with_another_lora_rank_names_the_mismatch(env, reference, tmp_path):
+  before = listing(reference)
+  log = tmp_path / "log.txt"
+  code, text = _finish(_start(reference, env, log, extra=("--config.lora.decoder_rank=2",)), log)
+  assert_clean_user_error(subprocess.CompletedProcess([], code, "", text),
+                          ["does not fit", "LoRA ranks"])
+  assert listing(reference) == before
