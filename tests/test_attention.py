@@ -167,3 +167,14 @@ def test_rematerialised_decoder_layers_give_same_gradients(decoder_params):
   remat = jax.grad(loss(dataclasses.replace(_tiny_decoder("xla"), remat=True)))(decoder_params)
   for got, want in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_in_groups_gives_the_same_hidden_states(monkeypatch):
+  cfg = bert.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                           intermediate_size=24, max_position_embeddings=16)
+  params = bert.init_params(cfg, jax.random.key(10))
+  ids = jax.random.randint(jax.random.key(11), (7, 16), 1, 50)
+  mask = jnp.ones_like(ids).at[:, 12:].set(0)
+  whole = bert.encode(cfg, params, ids, mask)
+  monkeypatch.setattr(bert, "ENCODE_GROUP_TOKENS", 48)  # groups of 3 chunks; 7 pads to 9
+  np.testing.assert_allclose(bert.encode(cfg, params, ids, mask), whole, atol=TOL, rtol=TOL)

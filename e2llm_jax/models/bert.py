@@ -149,12 +149,26 @@ class Pooling(nn.Module):
     return layers.LayerNorm(self.eps, name="output_norm")(h + ffn)
 
 
+# Inference encodes many chunks in groups of about this many tokens, one group after another:
+# each group's activations and attention logits stay cache-sized, and peak memory stops growing
+# with the number of chunks (the matmuls stay large enough to run at full rate).
+ENCODE_GROUP_TOKENS = 2048
+
+
 def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
            lora: Any = None, deterministic: bool = True, rngs=None) -> jax.Array:
   """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise)."""
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-  return Encoder(cfg).apply(variables, input_ids, attention_mask, deterministic=deterministic,
-                            rngs=rngs)
+  apply = lambda ids, mask: Encoder(cfg).apply(variables, ids, mask, deterministic=deterministic,
+                                               rngs=rngs)
+  batch, length = input_ids.shape
+  group = max(ENCODE_GROUP_TOKENS // max(length, 1), 1)
+  if not deterministic or batch <= group:
+    return apply(input_ids, attention_mask)
+  pad = -batch % group
+  grouped = lambda x: jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, group, length)
+  hidden = jax.lax.map(lambda xs: apply(*xs), (grouped(input_ids), grouped(attention_mask)))
+  return hidden.reshape(batch + pad, length, -1)[:batch]
 
 
 def init_params(cfg: EncoderConfig, rng: jax.Array, boxed: bool = False):
