@@ -149,7 +149,8 @@ class Pooling(nn.Module):
     return layers.LayerNorm(self.eps, name="output_norm")(h + ffn)
 
 
-# Inference encodes many chunks in groups of about this many tokens, one group after another:
+# Without dropout (inference, and training at lora.dropout=0) many chunks are encoded in groups of
+# about this many tokens, one group after another:
 # each group's activations and attention logits stay cache-sized, and peak memory stops growing
 # with the number of chunks (the matmuls stay large enough to run at full rate).
 ENCODE_GROUP_TOKENS = 2048
