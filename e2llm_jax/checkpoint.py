@@ -182,6 +182,17 @@ class Checkpointer:
     """Whether `step` holds the (random-init) base weights."""
     return FROZEN in self._manager.item_metadata(step)
 
+  def _frozen_item(self, step: int, abstract_frozen: Any) -> dict:
+    """The restore argument for the saved random-init base weights, when `abstract_frozen` asks."""
+    if abstract_frozen is None:
+      return {}
+    _require_target_shardings(abstract_frozen, "abstract_frozen")
+    if not self.has_frozen(step):
+      raise errors.CheckpointError(
+          f"Checkpoint step {step} in {self.directory} holds no base weights: it was trained on "
+          "weights from model.*.path. Set those paths again.")
+    return {FROZEN: ocp.args.StandardRestore(abstract_frozen)}
+
   def restore(self, step: int, abstract_state: Any, abstract_frozen: Any = None
               ) -> tuple[Any, dict, dict, dict, Any]:
     """`(state, data_state, config_json, meta, frozen)` of `step`, placed as the abstract trees say.
@@ -200,12 +211,7 @@ class Checkpointer:
       raise errors.CheckpointError(self._mismatch_message(step, "; ".join(problems)))
     items = {STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore(),
              CONFIG: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}
-    if abstract_frozen is not None:
-      _require_target_shardings(abstract_frozen, "abstract_frozen")
-      if not self.has_frozen(step):
-        raise errors.CheckpointError(f"Checkpoint step {step} in {self.directory} holds no base weights: it "
-                         "was trained on weights from model.*.path. Set those paths again.")
-      items[FROZEN] = ocp.args.StandardRestore(abstract_frozen)
+    items.update(self._frozen_item(step, abstract_frozen))
     # Names, shapes and dtypes matched above, so a failure to read now means damaged files.
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     frozen = restored[FROZEN] if abstract_frozen is not None else None
@@ -233,12 +239,7 @@ class Checkpointer:
               item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
               partial_restore=True))
     items = {META: ocp.args.JsonRestore()}
-    if abstract_frozen is not None:
-      _require_target_shardings(abstract_frozen, "abstract_frozen")
-      if not self.has_frozen(step):
-        raise errors.CheckpointError(f"Checkpoint step {step} in {self.directory} holds no base weights: it "
-                         "was trained on weights from model.*.path. Set those paths again.")
-      items[FROZEN] = ocp.args.StandardRestore(abstract_frozen)
+    items.update(self._frozen_item(step, abstract_frozen))
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     frozen = restored[FROZEN] if abstract_frozen is not None else None
     return state["trainable"], restored[META], frozen

@@ -137,13 +137,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_log_the_losses_of_one(tmp_path):
+def test_two_processes_log_the_losses_and_held_out_scores_of_one(tmp_path):
   single = tmp_path / "single"
-  loop.train(tiny_config(**{"mesh.shape": (2, 2, 2)}), str(single))
+  single_eval = loop.train(tiny_config(**{"mesh.shape": (2, 2, 2), "train.eval_examples": 16}),
+                           str(single))
   port = _free_port()
   args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
           "--workdir", str(tmp_path / "multi"), "--config.mesh.shape=2,2,2",
-          "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_examples=0",
+          "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_examples=16",
           "--config.ckpt.async_save=False"]
   procs = []
   for process_id in range(2):
@@ -157,3 +158,8 @@ def test_two_processes_log_the_losses_of_one(tmp_path):
     assert p.returncode == 0, out[-3000:]
   np.testing.assert_allclose(np.array(losses(tmp_path / "multi")), np.array(losses(single)),
                              rtol=1e-5, atol=1e-6)
+  # Held-out passkey scores are summed over both processes' rows, not one process's share.
+  multi_eval = json.loads((tmp_path / "multi" / "eval_metrics.jsonl").read_text().splitlines()[-1])
+  assert multi_eval["examples"] == single_eval["examples"] == 16
+  assert multi_eval["exact_match"] == single_eval["exact_match"]
+  np.testing.assert_allclose(multi_eval["ift_loss"], single_eval["ift_loss"], rtol=1e-5)
