@@ -18,7 +18,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _sides  # pylint: disable=wrong-import-position
@@ -49,9 +48,8 @@ def paper_config(args):
 
 
 def train_step_mfu(args, config) -> dict:
-  import jax
   from e2llm_jax import sharding
-  from e2llm_jax.training import state as state_lib, step as step_lib
+  from e2llm_jax.training import state as state_lib
   s = dict(batch=args.batch, chunks=args.chunks, chunk_tokens=config.data.chunk_tokens,
            prefix=config.data.prefix_tokens, query=config.data.query_tokens,
            target=config.data.target_tokens)
@@ -59,22 +57,9 @@ def train_step_mfu(args, config) -> dict:
   setup = state_lib.create_train_state(config, mesh)
   batch = train_throughput.random_batch(s)
   batch = {k: v % 1000 for k, v in batch.items()} if args.tiny else batch
-  step = step_lib.make_train_step(config, setup, batch)
-  shardings = step_lib.batch_shardings_for(config, mesh, batch)
-  batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-  start = time.perf_counter()
-  compiled = step.lower(setup.state, setup.frozen, batch).compile()
-  compile_s = time.perf_counter() - start
-  print(step_lib.memory_report(compiled), flush=True)
-  state = setup.state
-
-  def one():
-    nonlocal state
-    state, metrics = compiled(state, setup.frozen, batch)
-    jax.block_until_ready(metrics)
-
-  one()
-  seconds, _ = _sides.timed(one, args.steps)
+  timing = train_throughput.time_train_step(config, setup, mesh, batch, args.steps,
+                                            print_memory=True)
+  seconds, compile_s = timing["seconds"], timing["compile_s"]
   flops = roofline.train_step_flops(setup.model.encoder, setup.model.decoder, s,
                                     config.lora.encoder_rank, config.lora.decoder_rank)
   return {"step_s": seconds, "compile_s": compile_s, "tflop_per_step": flops / 1e12,

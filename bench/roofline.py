@@ -69,13 +69,7 @@ def train_step_flops(enc, dec, s: dict, encoder_rank: int, decoder_rank: int) ->
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--chunks", type=int, default=16)
-  parser.add_argument("--chunk-tokens", type=int, default=128)
-  parser.add_argument("--prefix", type=int, default=32)
-  parser.add_argument("--query", type=int, default=64)
-  parser.add_argument("--target", type=int, default=64)
-  parser.add_argument("--steps", type=int, default=5)
+  train_throughput.add_shape_args(parser)
   args = parser.parse_args()
   from e2llm_jax import assets, hf
   s = train_throughput.shapes(args)

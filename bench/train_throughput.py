@@ -59,10 +59,8 @@ def random_batch(s: dict, seed: int = 0) -> dict:
 
 
 def jax_side(s: dict, dtype: str, steps: int) -> dict:
-  import time
-  import jax
   from e2llm_jax import assets, config_utils, sharding
-  from e2llm_jax.training import state as state_lib, step as step_lib
+  from e2llm_jax.training import state as state_lib
   config = config_utils.base_config()
   config.model.encoder.path = str(assets.minilm_dir())
   config.model.decoder.path = str(assets.smollm2_gguf())
@@ -74,13 +72,22 @@ def jax_side(s: dict, dtype: str, steps: int) -> dict:
   config.mesh.shape = (1, 1, 1)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   setup = state_lib.create_train_state(config, mesh)
-  batch = random_batch(s)
+  return time_train_step(config, setup, mesh, random_batch(s), steps)
+
+
+def time_train_step(config, setup, mesh, batch: dict, steps: int, print_memory: bool = False) -> dict:
+  """Compile the jitted train step ahead of time, then the median of `steps` timed steps."""
+  import time
+  import jax
+  from e2llm_jax.training import step as step_lib
   step = step_lib.make_train_step(config, setup, batch)
   shardings = step_lib.batch_shardings_for(config, mesh, batch)
   batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
   start = time.perf_counter()
   compiled = step.lower(setup.state, setup.frozen, batch).compile()
   compile_s = time.perf_counter() - start
+  if print_memory:
+    print(step_lib.memory_report(compiled), flush=True)
   state = setup.state
 
   def one():
@@ -91,6 +98,17 @@ def jax_side(s: dict, dtype: str, steps: int) -> dict:
   one()
   median, times = _sides.timed(one, steps)
   return {"seconds": median, "times": times, "compile_s": compile_s}
+
+
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+  """The step's shapes, shared with roofline.py."""
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--chunks", type=int, default=16)
+  parser.add_argument("--chunk-tokens", type=int, default=128)
+  parser.add_argument("--prefix", type=int, default=32)
+  parser.add_argument("--query", type=int, default=64)
+  parser.add_argument("--target", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=5)
 
 
 def torch_side(s: dict, dtype: str, steps: int, compile_model: bool) -> dict:
@@ -155,13 +173,7 @@ SIDES = ("jax", "torch_eager", "torch_compile")
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dtypes", default="float32,bfloat16")
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--chunks", type=int, default=16)
-  parser.add_argument("--chunk-tokens", type=int, default=128)
-  parser.add_argument("--prefix", type=int, default=32)
-  parser.add_argument("--query", type=int, default=64)
-  parser.add_argument("--target", type=int, default=64)
-  parser.add_argument("--steps", type=int, default=5)
+  add_shape_args(parser)
   parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
   parser.add_argument("--side-timeout", type=float, default=1800)
