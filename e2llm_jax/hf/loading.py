@@ -12,8 +12,8 @@ import numpy as np
 from e2llm_jax.errors import WeightsError
 from e2llm_jax.hf.configs import decoder_config_from_hf, encoder_config_from_hf
 from e2llm_jax.hf.gguf import gguf_tensor_reader
-from e2llm_jax.hf.safetensors_io import (CONFIG_FILE, existing_path, read_config,
-                                         safetensors_tensor_reader)
+from e2llm_jax.hf.safetensors_io import (CONFIG_FILE, existing_path, folder_or_gguf,
+                                         read_config, safetensors_tensor_reader)
 from e2llm_jax.hf.weight_names import (assemble, bert_renamer, causal_lm_renamer,
                                        decoder_weight_map, encoder_weight_map)
 from e2llm_jax.models.bert import EncoderConfig
@@ -35,11 +35,8 @@ def encoder_tensor_reader(path: str | pathlib.Path
 def decoder_tensor_reader(path: str | pathlib.Path
                           ) -> tuple[DecoderConfig, Callable[[str], np.ndarray]]:
   """(DecoderConfig, read): `read(hf_name)` gives one causal-LM tensor in HF layout (GGUF: float32)."""
-  path = existing_path(path, "Decoder")
+  path = folder_or_gguf(path, "Decoder", "model folder (config.json + model.safetensors)")
   if path.is_file():
-    if path.suffix != ".gguf":
-      raise WeightsError(f"Decoder path {str(path)!r} is a file but not a .gguf; pass a Hugging "
-                         "Face model folder (config.json + model.safetensors) or a .gguf file.")
     return gguf_tensor_reader(path)
   cfg = decoder_config_from_hf(read_config(path), str(path / CONFIG_FILE))
   return cfg, safetensors_tensor_reader(path, decoder_weight_map(cfg),

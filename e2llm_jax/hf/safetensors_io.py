@@ -26,6 +26,16 @@ def existing_path(path: str | pathlib.Path, what: str) -> pathlib.Path:
   return path
 
 
+def folder_or_gguf(path: str | pathlib.Path, what: str, folder: str = "model folder"
+                   ) -> pathlib.Path:
+  """`path` checked to exist and to be a folder or a `.gguf` file (the decoder's two forms)."""
+  path = existing_path(path, what)
+  if path.is_file() and path.suffix != ".gguf":
+    raise WeightsError(f"{what} path {str(path)!r} is a file but not a .gguf; pass a Hugging "
+                       f"Face {folder} or a .gguf file.")
+  return path
+
+
 def read_config(folder: pathlib.Path) -> dict:
   config_path = folder / CONFIG_FILE
   if not config_path.is_file():

@@ -8,7 +8,7 @@ import pathlib
 
 from e2llm_jax.errors import WeightsError
 from e2llm_jax.hf.gguf import gguf_metadata, gguf_reader
-from e2llm_jax.hf.safetensors_io import existing_path
+from e2llm_jax.hf.safetensors_io import folder_or_gguf
 
 
 GGUF_TOKEN_TYPE_CONTROL = 3
@@ -103,11 +103,8 @@ def gguf_tokenizer(path: pathlib.Path):
 
 def load_tokenizer(path: str | pathlib.Path):
   """The tokenizer of an HF folder (AutoTokenizer, local files only) or of a `.gguf` file."""
-  path = existing_path(path, "Tokenizer")
+  path = folder_or_gguf(path, "Tokenizer")
   if path.is_file():
-    if path.suffix != ".gguf":
-      raise WeightsError(f"Tokenizer path {str(path)!r} is a file but not a .gguf; pass a Hugging "
-                         "Face model folder or a .gguf file.")
     return gguf_tokenizer(path)
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
