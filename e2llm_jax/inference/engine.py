@@ -57,9 +57,8 @@ def _embed_texts(model: e2llm.E2LLMConfig, frozen, trainable, ids, mask):
   """L2-normalised mean of the encoder's (LoRA) last hidden states over real tokens, [B,De]."""
   hidden = bert.encode(model.encoder, frozen["encoder"], ids, mask,
                        lora=e2llm.scaled_lora(trainable, "encoder_lora", model.encoder_lora))
-  weights = mask.astype(jnp.float32)[..., None]
-  pooled = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1) / jnp.maximum(
-      jnp.sum(weights, axis=1), 1.0)
+  mean = bert.Pooling("mean", model.encoder.hidden_size)
+  pooled = mean.apply({"params": {}}, hidden.astype(jnp.float32), mask)[:, 0]
   return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
