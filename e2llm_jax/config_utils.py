@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.eval_every = 0  # 0 = only at the end
   c.train.eval_examples = 64
+  # A run folder (or its checkpoints/) whose newest step's trainable params start this run, with a
+  # fresh optimizer and step 0: the next stage of a curriculum. Ignored once this run has a checkpoint.
+  c.train.init_from = config_dict.placeholder(str)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.recon_weight = 0.1

@@ -149,6 +149,37 @@ def restore_latest(ckpt: checkpoint.Checkpointer, setup: state_lib.TrainSetup) -
   return step, data_state
 
 
+def init_trainable_from(source: str, setup: state_lib.TrainSetup) -> int:
+  """Replace `setup`'s trainable params by those of the newest checkpoint under `source`; its step.
+
+  The optimizer state stays fresh: this starts a new run (a curriculum's next stage) from another
+  run's parameters, which may have been trained at other shapes.
+  """
+  directory = pathlib.Path(source).expanduser()
+  if (directory / "checkpoints").is_dir():
+    directory = directory / "checkpoints"
+  steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
+  if not steps:
+    raise errors.CheckpointError(
+        f"train.init_from={source!r} holds no checkpoint: point it at a run folder that saved one "
+        "(or at its checkpoints/ folder), or unset it to start from fresh parameters.")
+  other = checkpoint.Checkpointer(directory, 1, len(steps) + 1, async_save=False)
+  try:
+    abstract = sharding.abstract_with_shardings(setup.state["trainable"],
+                                                setup.state_shardings["trainable"])
+    random = _random_frozen(setup)
+    abstract_frozen = None if random is None else sharding.abstract_with_shardings(
+        random, {k: setup.frozen_shardings[k] for k in random})
+    trainable, meta, frozen = other.restore_params(steps[-1], abstract, abstract_frozen)
+  finally:
+    other.close()
+  checkpoint.check_fingerprints(meta, _base_meta(setup))
+  setup.state = {**setup.state, "trainable": trainable}
+  if frozen is not None:
+    setup.frozen = {**setup.frozen, **frozen}
+  return steps[-1]
+
+
 def train(config, workdir: str, stop_after: int | None = None) -> dict:
   """Train (or resume) in `workdir`; returns the final held-out evaluation.
 
@@ -162,6 +193,9 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", int(config.ckpt.every_steps),
                                  int(config.ckpt.keep), bool(config.ckpt.async_save))
   start, data_state = restore_latest(ckpt, setup)
+  if start == 0 and config.train.get("init_from"):
+    step = init_trainable_from(str(config.train.init_from), setup)
+    print(f"trainable params from step {step} of {config.train.init_from}", flush=True)
   data = make_data(config, setup.model, start_step=int(data_state.get("step", start)))
   total = int(config.train.steps)
   first_batch = _model_arrays(next(data))
