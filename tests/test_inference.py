@@ -6,6 +6,7 @@ Also: bucketed calls compile once, a workdir restores and answers, and the answe
 import functools
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import tiny
-from e2llm_jax import assets, hf
+from e2llm_jax import assets, checkpoint, errors, hf
 from e2llm_jax.data import pipeline
 from e2llm_jax.inference import E2LLM, SoftContext, decoding
 from e2llm_jax.models import bert, e2llm, llama
@@ -237,6 +238,101 @@ def test_from_export_answers_like_the_workdir(engine, workdir, tmp_path):
   np.testing.assert_allclose(exported.compress(text).soft_tokens, context.soft_tokens, atol=1e-5)
   assert exported.generate(question, context, max_new_tokens=8) == engine.generate(
       question, context, max_new_tokens=8)
+
+
+def stored_tensors(folder: pathlib.Path) -> dict[str, tuple[set[str], int]]:
+  """Each safetensors file under `folder` (relative name) → (its tensors' dtypes, their data bytes)."""
+  found = {}
+  for path in sorted(folder.rglob("*.safetensors")):
+    with open(path, "rb") as f:
+      header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    tensors = [v for k, v in header.items() if k != "__metadata__"]
+    found[str(path.relative_to(folder))] = ({t["dtype"] for t in tensors},
+                                            sum(t["data_offsets"][1] - t["data_offsets"][0]
+                                                for t in tensors))
+  return found
+
+
+def test_bfloat16_adapters_only_export_is_half_the_bytes_and_answers_alike(workdir, tmp_path):
+  from e2llm_jax.hf import export  # pylint: disable=g-import-not-at-top
+  wide = export.export(workdir, tmp_path / "float32", adapters_only=True)
+  narrow = tmp_path / "bfloat16"
+  assert export.main(["--workdir", str(workdir), "--out", str(narrow), "--adapters-only",
+                      "--dtype", "bfloat16"]) == 0
+  wide_files, narrow_files = stored_tensors(wide), stored_tensors(narrow)
+  assert set(wide_files) == set(narrow_files) == {
+      "adapter.safetensors", "peft/encoder/adapter_model.safetensors",
+      "peft/decoder/adapter_model.safetensors"}
+  for name, (dtypes, size) in narrow_files.items():
+    assert dtypes == {"BF16"} and wide_files[name][0] == {"F32"}
+    assert 2 * size == wide_files[name][1]
+  # Whole files too, though the JSON headers (the same size in both) weigh a lot at this tiny size.
+  file_bytes = lambda folder: sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+  assert file_bytes(narrow) < 0.6 * file_bytes(wide)
+  for folder, dtype in ((wide, "float32"), (narrow, "bfloat16")):
+    assert json.loads((folder / "e2llm_config.json").read_text())["trained_dtype"] == dtype
+
+  wide_engine, narrow_engine = E2LLM.from_export(wide), E2LLM.from_export(narrow)
+  # Read back as float32: the float32 export's values rounded once to bfloat16.
+  rounded = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16).astype(np.float32),
+                         wide_engine.trainable)
+  for ours, expected in zip(jax.tree.leaves(narrow_engine.trainable), jax.tree.leaves(rounded)):
+    assert ours.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(ours), expected)
+  texts = [document(8), document(14, salt=2), document(5, salt=5)]
+  questions = ["Where was box 28 sent?", "Which colour was box 9?", "What went to Quito?"]
+  wide_contexts, narrow_contexts = wide_engine.compress(texts), narrow_engine.compress(texts)
+  for a, b in zip(wide_contexts, narrow_contexts):
+    scale = np.abs(a.soft_tokens).max()
+    np.testing.assert_allclose(b.soft_tokens, a.soft_tokens, atol=2e-2 * scale, rtol=0)
+  answers = narrow_engine.generate_batch(questions, narrow_contexts, max_new_tokens=8)
+  assert answers == wide_engine.generate_batch(questions, wide_contexts, max_new_tokens=8)
+  assert all(answers)  # something to compare: no answer ended at once
+
+
+def test_adapters_only_export_finds_moved_bases_through_asset_packages(workdir, tmp_path,
+                                                                        monkeypatch):
+  from e2llm_jax.hf import bundle, export  # pylint: disable=g-import-not-at-top
+  out = export.export(workdir, tmp_path / "export", adapters_only=True)
+  settings_file = out / bundle.E2LLM_CONFIG_FILE
+  settings = json.loads(settings_file.read_text())
+  trained_on = {t: pathlib.Path(settings["bases"][t]["path"]) for t in bundle.TOWERS}
+  # This machine has the bases only as installed packages (fingerprints name files, not folders)...
+  installed = tmp_path / "site-packages"
+  for tower, path in trained_on.items():
+    shutil.copytree(path, installed / tower)
+  monkeypatch.setattr(bundle, "ASSET_BASES", {
+      f"tiny_{t}": (lambda t=t: installed / t, f"tiny/{t}") for t in bundle.TOWERS})
+  # ...and the export was made on another machine, whose paths do not exist here.
+  for tower in bundle.TOWERS:
+    settings["bases"][tower]["path"] = f"/elsewhere/{tower}"
+  settings_file.write_text(json.dumps(settings))
+  engine = E2LLM.from_export(out)
+  assert engine.config.model.encoder.path == str(installed / "encoder")
+  assert engine.config.model.decoder.path == str(installed / "decoder")
+
+  # Installed weights that are not the ones trained on: one error naming both fingerprints.
+  recorded = settings["bases"]["decoder"]["fingerprint"]
+  with open(installed / "decoder" / "config.json", "a") as f:
+    f.write(" ")
+  changed = checkpoint.fingerprint(installed / "decoder")
+  with pytest.raises(errors.WeightsError) as error:
+    E2LLM.from_export(out)
+  assert "/elsewhere/decoder" in str(error.value) and recorded in str(error.value)
+  assert f"tiny_decoder: {changed}" in str(error.value)
+
+  # An export whose bases were asset packages records no machine path, and checks them the same.
+  monkeypatch.setattr(bundle, "ASSET_BASES", {
+      f"tiny_{t}": (lambda t=t: trained_on[t], f"tiny/{t}") for t in bundle.TOWERS})
+  packaged = export.export(workdir, tmp_path / "packaged", adapters_only=True)
+  stored = (packaged / bundle.E2LLM_CONFIG_FILE).read_text()
+  assert str(trained_on["decoder"]) not in stored and '"asset": "tiny_decoder"' in stored
+  monkeypatch.setattr(bundle, "ASSET_BASES", {
+      f"tiny_{t}": (lambda t=t: installed / t, f"tiny/{t}") for t in bundle.TOWERS})
+  with pytest.raises(errors.WeightsError) as error:
+    bundle.load_export(packaged)
+  assert recorded in str(error.value) and changed in str(error.value)
+  assert "tiny_decoder asset package" in str(error.value)
 
 
 def test_answer_cli_prints_answer_ratio_and_timings(workdir, tmp_path):

@@ -12,10 +12,11 @@ from typing import Any, Callable
 import numpy as np
 from flax import traverse_util
 
-from e2llm_jax import assets, checkpoint
+from e2llm_jax import assets, checkpoint, errors
 from e2llm_jax.data import tasks
 from e2llm_jax.hf.loading import load_decoder, load_encoder
 from e2llm_jax.hf.peft_adapters import read_peft_adapter
+from e2llm_jax.hf.safetensors_io import load_as_float32
 from e2llm_jax.hf.weight_names import decoder_weight_map, encoder_weight_map
 from e2llm_jax.models import e2llm
 
@@ -28,6 +29,8 @@ HEAD_GROUPS = ("pooling", "adapter")
 TOWER_FOLDERS = {"encoder": "encoder", "decoder": "decoder"}
 PEFT_FOLDERS = {"encoder": "peft/encoder", "decoder": "peft/decoder"}
 DEFAULT_TEMPLATE = "qa"
+# The dtypes the trained tensors (peft/, adapter.safetensors) may be stored in; read as float32.
+TRAINED_DTYPES = ("float32", "bfloat16")
 # Bases shipped as PyPI packages: found again on any machine, and named by their upstream model.
 ASSET_BASES: dict[str, tuple[Callable[[], pathlib.Path], str]] = {
     "minilm": (assets.minilm_dir, "sentence-transformers/all-MiniLM-L6-v2"),
@@ -127,24 +130,62 @@ def _describe(record: dict) -> str:
   return repr(record.get("path")) if record.get("path") else "random init"
 
 
+def _installed_assets() -> dict[str, pathlib.Path]:
+  """ASSET_BASES name → where its weights are installed here (packages not installed left out)."""
+  found = {}
+  for name, (locate, _) in ASSET_BASES.items():
+    try:
+      path = locate()
+    except FileNotFoundError:
+      continue
+    if path.exists():
+      found[name] = path
+  return found
+
+
+def _asset_with_fingerprint(export_dir: pathlib.Path, tower: str, record: dict) -> pathlib.Path:
+  """The installed asset package holding the weights of a recorded path absent on this machine."""
+  installed = _installed_assets()
+  fingerprints = {name: checkpoint.fingerprint(path) for name, path in installed.items()}
+  for name, found in fingerprints.items():
+    if found == record["fingerprint"]:
+      return installed[name]
+  tried = ", ".join(f"{name}: {found}" for name, found in fingerprints.items()) or "none installed"
+  raise errors.WeightsError(
+      f"{export_dir}: the {tower} base was recorded at {record['path']!r}, which is not on this "
+      f"machine, and no installed asset package has its fingerprint {record['fingerprint']} "
+      f"({tried}); pass {tower}_path= pointing at the weights the adapters were trained on.")
+
+
 def find_base(export_dir: pathlib.Path, tower: str, record: dict,
               override: str | pathlib.Path | None = None) -> pathlib.Path:
-  """The base weights an adapters-only export was trained on, checked by fingerprint."""
+  """The base weights an adapters-only export was trained on, checked by fingerprint.
+
+  In order: `override`; the recorded asset package; the recorded path; where that path is absent
+  (an export made on another machine), the installed asset package with the recorded fingerprint.
+  """
   if override is not None:
     path = pathlib.Path(override).expanduser()
   elif record.get("asset"):
+    if record["asset"] not in ASSET_BASES:
+      raise errors.WeightsError(
+          f"{export_dir}: the {tower} base is the asset package {record['asset']!r}, which this "
+          f"version does not know (it knows {sorted(ASSET_BASES)}); pass {tower}_path= pointing "
+          f"at {record.get('hf_name')}.")
     path = ASSET_BASES[record["asset"]][0]()
   elif record.get("path"):
     path = pathlib.Path(record["path"]).expanduser()
+    if not path.exists():
+      return _asset_with_fingerprint(export_dir, tower, record)
   else:
-    raise ValueError(f"{export_dir}: the {tower} base was random init, which an adapters-only "
-                     "export cannot carry; export without --adapters-only.")
+    raise errors.WeightsError(f"{export_dir}: the {tower} base was random init, which an "
+                              "adapters-only export cannot carry; export without --adapters-only.")
   if not path.exists():
     raise FileNotFoundError(f"{export_dir}: the {tower} base {_describe(record)} is not at "
                             f"{str(path)!r}; pass {tower}_path= pointing at those weights.")
   found = checkpoint.fingerprint(path)
   if found != record["fingerprint"]:
-    raise ValueError(
+    raise errors.WeightsError(
         f"{export_dir}: the {tower} adapters were trained on base weights with fingerprint "
         f"{record['fingerprint']} ({_describe(record)}), but {str(path)!r} has fingerprint "
         f"{found}. Loading them onto another base gives garbage; point {tower}_path at the "
@@ -171,14 +212,14 @@ def load_export(export_dir: str | pathlib.Path, encoder_path: str | pathlib.Path
   """(resolved config dict, E2LLMConfig, frozen numpy towers, trainable numpy tree) of an export.
 
   A full export reads its merged towers (no LoRA left); an adapters-only export finds its bases
-  (`*_path`, else the recorded path or asset package), checks their fingerprints and reads the
-  LoRA from `peft/`. In the returned config, `model.*.path` says where each tower was read.
+  (`*_path`, else the recorded asset package or path, see `find_base`), checks their fingerprints
+  and reads the LoRA from `peft/`. Trained tensors stored in bfloat16 come back as float32. In the
+  returned config, `model.*.path` says where each tower was read.
   """
-  from safetensors.numpy import load_file
   export_dir = pathlib.Path(export_dir).expanduser()
   settings = read_settings(export_dir)
   config, model = copy.deepcopy(settings["config"]), settings["model"]
-  trainable = head_params(load_file(str(export_dir / ADAPTER_FILE)))
+  trainable = head_params(load_as_float32(export_dir / ADAPTER_FILE))
   overrides = {"encoder": encoder_path, "decoder": decoder_path}
   paths, loras = {}, {}
   for tower in TOWERS:

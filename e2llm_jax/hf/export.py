@@ -1,6 +1,6 @@
 """Export a trained run to Hugging Face: merged towers, PEFT adapters, and an E2LLM for trust_remote_code.
 
-`python -m e2llm_jax.hf.export --workdir W --out OUT [--step N] [--overwrite] [--adapters-only]`.
+`python -m e2llm_jax.hf.export --workdir W --out OUT [--adapters-only] [--dtype bfloat16] ...`.
 """
 
 import copy
@@ -192,12 +192,17 @@ def _swap_in(partial: pathlib.Path, out: pathlib.Path) -> None:
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
            overwrite: bool = False, adapters_only: bool = False,
-           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str = "float32") -> pathlib.Path:
   """Write the export of `workdir`'s checkpoint `step` (newest by default) to `out`.
 
-  Every process must call it (the restore reads on all of them); process 0 alone writes. Base
-  tensors stream from their files one at a time, so host memory never holds a whole tower.
+  `dtype` (one of `bundle.TRAINED_DTYPES`) is what the trained tensors (`peft/`,
+  `adapter.safetensors`) are stored in; merged towers keep the run's `model.*.dtype`. Every process
+  must call it (the restore reads on all of them); process 0 alone writes. Base tensors stream from
+  their files one at a time, so host memory never holds a whole tower.
   """
+  if dtype not in bundle.TRAINED_DTYPES:
+    raise errors.UserError(f"--dtype {dtype!r} is not one the trained tensors can be stored in; "
+                           f"choose one of {', '.join(bundle.TRAINED_DTYPES)}.")
   workdir = pathlib.Path(workdir).expanduser()
   out = pathlib.Path(out).expanduser().absolute()
   _check_out(out, workdir, overwrite)
@@ -218,7 +223,8 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
   partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
   partial.mkdir()
   try:
-    _write_export(partial, run, config, model, sources, current, adapters_only, max_shard_bytes)
+    _write_export(partial, run, config, model, sources, current, adapters_only, max_shard_bytes,
+                  dtype)
     _swap_in(partial, out)
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
@@ -228,7 +234,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
 
 def _write_export(folder: pathlib.Path, run: dict, config: ml_collections.ConfigDict,
                   model: e2llm.E2LLMConfig, sources: dict, current_meta: dict,
-                  adapters_only: bool, max_shard_bytes: int) -> None:
+                  adapters_only: bool, max_shard_bytes: int, dtype: str) -> None:
   trainable = run["trainable"]
   loras = {"encoder": model.encoder_lora, "decoder": model.decoder_lora}
   records = {tower: bundle.base_record(config.model[tower].path,
@@ -245,10 +251,11 @@ def _write_export(folder: pathlib.Path, run: dict, config: ml_collections.Config
     if loras[tower] is not None:
       write_peft_adapter(folder / bundle.PEFT_FOLDERS[tower], WEIGHT_MAPS[tower](
           sources[tower][0]), trainable[f"{tower}_lora"], loras[tower],
-          records[tower]["hf_name"], PEFT_TASK_TYPES[tower])
+          records[tower]["hf_name"], PEFT_TASK_TYPES[tower], jnp.dtype(dtype))
   from safetensors.numpy import save_file
-  save_file(bundle.head_state_dict(trainable), str(folder / bundle.ADAPTER_FILE),
-            metadata={"format": "pt"})
+  head = {name: array.astype(jnp.dtype(dtype))
+          for name, array in bundle.head_state_dict(trainable).items()}
+  save_file(head, str(folder / bundle.ADAPTER_FILE), metadata={"format": "pt"})
   stored_config = copy.deepcopy(run["config"])
   for tower in bundle.TOWERS:
     if records[tower]["asset"]:  # found again through its package: no machine path in the export
@@ -258,7 +265,7 @@ def _write_export(folder: pathlib.Path, run: dict, config: ml_collections.Config
     (folder / CONFIG_FILE).write_text(json.dumps(REMOTE_CODE_CONFIG, indent=2) + "\n")
   settings = {
       "format": bundle.BUNDLE_FORMAT, "kind": bundle.ADAPTERS_ONLY if adapters_only else bundle.FULL,
-      "step": run["step"], "model": bundle.model_settings(model),
+      "step": run["step"], "model": bundle.model_settings(model), "trained_dtype": dtype,
       "data": bundle.data_settings(run["config"], int(model.decoder.max_position_embeddings)),
       "bases": records,
       "towers": None if adapters_only else dict(bundle.TOWER_FOLDERS),
@@ -279,9 +286,12 @@ def main(argv: Sequence[str]) -> int:
                       help="no merged towers: e2llm_config.json, adapter.safetensors and peft/")
   parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
                       help="safetensors shard size of the merged towers")
+  parser.add_argument("--dtype", default="float32", choices=bundle.TRAINED_DTYPES,
+                      help="dtype of the trained tensors (peft/, adapter.safetensors); bfloat16 "
+                      "halves them and loads back as float32")
   args = parser.parse_args(argv)
   out = export(args.workdir, args.out, args.step, args.overwrite, args.adapters_only,
-               args.max_shard_bytes)
+               args.max_shard_bytes, args.dtype)
   print(f"exported {args.workdir} to {out}")
   return 0
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from e2llm_jax.hf.safetensors_io import load_as_float32
 from e2llm_jax.hf.weight_names import WeightSpec
 from e2llm_jax.models.lora import LoRAConfig
 
@@ -78,10 +79,13 @@ def peft_config(lora: LoRAConfig, targets: list[str], base_model: str | None,
 
 
 def write_peft_adapter(folder: pathlib.Path, weight_map: dict[str, WeightSpec], lora_tree: Any,
-                       lora: LoRAConfig, base_model: str | None, task_type: str | None) -> None:
+                       lora: LoRAConfig, base_model: str | None, task_type: str | None,
+                       dtype: Any = np.float32) -> None:
+  """`adapter_config.json` and `adapter_model.safetensors` (tensors in `dtype`) in `folder`."""
   from safetensors.numpy import save_file
   folder.mkdir(parents=True, exist_ok=True)
-  state = peft_state_dict(weight_map, lora_tree)
+  state = {name: array.astype(dtype) for name, array in
+           peft_state_dict(weight_map, lora_tree).items()}
   modules = sorted({key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in state})
   with open(folder / PEFT_CONFIG_FILE, "w") as f:
     json.dump(peft_config(lora, target_modules(weight_map, modules), base_model, task_type), f,
@@ -91,8 +95,7 @@ def write_peft_adapter(folder: pathlib.Path, weight_map: dict[str, WeightSpec], 
 
 def read_peft_adapter(folder: pathlib.Path, weight_map: dict[str, WeightSpec],
                       targets: str) -> tuple[LoRAConfig, dict]:
-  """(LoRAConfig, our LoRA tree) of a PEFT LoRA folder; `targets` is our regex, kept for the record."""
-  from safetensors.numpy import load_file
+  """(LoRAConfig, our float32 LoRA tree) of a PEFT LoRA folder; `targets` is our regex, for the record."""
   config_path, weights_path = folder / PEFT_CONFIG_FILE, folder / PEFT_WEIGHTS_FILE
   for path in (config_path, weights_path):
     if not path.is_file():
@@ -105,4 +108,4 @@ def read_peft_adapter(folder: pathlib.Path, weight_map: dict[str, WeightSpec],
                      "or DoRA).")
   lora = LoRAConfig(int(settings["r"]), float(settings["lora_alpha"]), targets,
                     float(settings.get("lora_dropout", 0.0)))
-  return lora, lora_tree_from_peft(weight_map, load_file(str(weights_path)), str(weights_path))
+  return lora, lora_tree_from_peft(weight_map, load_as_float32(weights_path), str(weights_path))

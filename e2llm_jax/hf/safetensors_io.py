@@ -115,6 +115,16 @@ class SafetensorsCheckpoint:
     return raw.view(dtype).reshape(header[name]["shape"])
 
 
+def load_as_float32(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """Every tensor of one small safetensors file (trained adapters), floating ones as float32.
+
+  Adapters may be stored in bfloat16 to halve the download; computation reads them in float32.
+  """
+  from safetensors.numpy import load_file
+  return {name: array.astype(np.float32) if jnp.issubdtype(array.dtype, jnp.floating) else array
+          for name, array in load_file(str(path)).items()}
+
+
 def safetensors_tensor_reader(folder: pathlib.Path, weight_map: dict[str, WeightSpec],
                               renamer_for: Callable[[list[str]], Callable[[str], str | None]],
                               what: str) -> Callable[[str], np.ndarray]:
