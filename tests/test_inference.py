@@ -335,6 +335,27 @@ def test_adapters_only_export_finds_moved_bases_through_asset_packages(workdir, 
   assert "tiny_decoder asset package" in str(error.value)
 
 
+def test_showcase_cli_on_an_export_prints_table_and_worked_example(workdir, tmp_path):
+  from e2llm_jax.hf import export  # pylint: disable=g-import-not-at-top
+  out = export.export(workdir, tmp_path / "export", adapters_only=True, dtype="bfloat16")
+  result = subprocess.run(
+      [sys.executable, "-m", "e2llm_jax.evaluation.showcase", "--export", str(out), "--tasks",
+       "niah_single_1", "--lengths", "512", "--num-samples", "2", "--baselines", "none,full",
+       "--out", str(tmp_path / "shown")],
+      capture_output=True, text=True, cwd=ROOT, timeout=600,
+      env={**__import__("os").environ, "XLA_FLAGS": ""})
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert "| task | length | e2llm | none | full | e2llm compression |" in lines
+  (row,) = [line for line in lines if line.startswith("| niah_single_1 | 512 |")]
+  assert float(row.split("|")[-2].strip().rstrip("x")) > 1  # soft tokens fewer than text tokens
+  assert any(line.startswith("Worked example (niah_single_1, 512 tokens") for line in lines)
+  assert any(line.startswith("  needle:   One of the special magic numbers for ") for line in lines)
+  assert sum(line.startswith(("  e2llm (", "  none (", "  full (")) for line in lines) == 3
+  saved = json.loads((tmp_path / "shown" / "results.json").read_text())
+  assert saved["seed"] == saved["run_seed"] + 1 and len(saved["rows"]) == 3
+
+
 def test_answer_cli_prints_answer_ratio_and_timings(workdir, tmp_path):
   context_file = tmp_path / "context.txt"
   context_file.write_text(document(15))
