@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from e2llm_jax import checkpoint, sharding
+from e2llm_jax import checkpoint, errors, sharding
 from e2llm_jax.training import loop, state as state_lib, step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -118,6 +118,30 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
                                                                   example)
     next_losses.append(float(metrics["loss"]))
   np.testing.assert_allclose(next_losses, next_losses[0], rtol=1e-5)
+
+
+def test_init_from_starts_a_new_stage_from_trained_params_at_other_shapes(tmp_path):
+  first = tmp_path / "stage1"
+  loop.train(tiny_config(**{"train.steps": 2, "ckpt.every_steps": 2}), str(first))
+  with checkpoint.Checkpointer(first / "checkpoints", 2, 2, False) as ckpt:
+    trained = jax.device_get(ckpt.restore_params(2, sharding.abstract_with_shardings(
+        *_trainable_layout(tiny_config())))[0])
+  config = tiny_config(**{"data.max_chunks": 6, "train.init_from": str(first)})
+  setup = state_lib.create_train_state(config, sharding.make_mesh((1, 8, 1), config.mesh.axes))
+  assert loop.init_trainable_from(str(first), setup) == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(setup.state["trainable"]), trained)
+  assert int(setup.state["step"]) == 0  # a new run: fresh step count and optimizer
+
+  second = tmp_path / "stage2"
+  loop.train(config, str(second))  # runs at the new shapes from stage 1's params
+  assert [s for s, *_ in losses(second)] == [1, 2, 3, 4]
+  with pytest.raises(errors.CheckpointError, match="holds no checkpoint"):
+    loop.init_trainable_from(str(tmp_path / "empty"), setup)
+
+
+def _trainable_layout(config):
+  setup = state_lib.create_train_state(config, sharding.make_mesh((1, 8, 1), config.mesh.axes))
+  return setup.state["trainable"], setup.state_shardings["trainable"]
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tmp_path):
