@@ -200,16 +200,19 @@ def test_exported_encoder_hidden_states_match_jax(full_export, jax_model):
   np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=TOLERANCE, rtol=0)
 
 
+def _torch_tower(tower, bases):
+  """(loader, base folder, inputs, output getter) of one tower in transformers."""
+  if tower == "decoder":
+    return (transformers.AutoModelForCausalLM.from_pretrained, bases["decoder_hf"],
+            {"input_ids": torch.arange(3, 40)[None]}, lambda result: result.logits)
+  return (lambda path: transformers.BertModel.from_pretrained(path, add_pooling_layer=False),
+          bases["encoder"], {"input_ids": torch.arange(101, 140)[None]},
+          lambda result: result.last_hidden_state)
+
+
 @pytest.mark.parametrize("tower", ["decoder", "encoder"])
 def test_peft_adapters_on_the_base_equal_the_merged_tower(tower, full_export, bases):
-  if tower == "decoder":
-    load = transformers.AutoModelForCausalLM.from_pretrained
-    base_folder, inputs = bases["decoder_hf"], {"input_ids": torch.arange(3, 40)[None]}
-    output = lambda result: result.logits
-  else:
-    load = lambda path: transformers.BertModel.from_pretrained(path, add_pooling_layer=False)
-    base_folder, inputs = bases["encoder"], {"input_ids": torch.arange(101, 140)[None]}
-    output = lambda result: result.last_hidden_state
+  load, base_folder, inputs, output = _torch_tower(tower, bases)
   adapter_dir = full_export / "peft" / tower
   with_adapter = peft.PeftModel.from_pretrained(load(base_folder), adapter_dir).eval()
   # Our tensor names are exactly the ones peft itself gives these modules.
@@ -228,14 +231,7 @@ def test_peft_adapters_on_the_base_equal_the_merged_tower(tower, full_export, ba
 @pytest.mark.parametrize("tower", ["decoder", "encoder"])
 def test_bf16_peft_adapters_load_in_peft_close_to_the_merged_tower(tower, bf16_adapters_export,
                                                                    full_export, bases):
-  if tower == "decoder":
-    load = transformers.AutoModelForCausalLM.from_pretrained
-    base_folder, inputs = bases["decoder_hf"], {"input_ids": torch.arange(3, 40)[None]}
-    output = lambda result: result.logits
-  else:
-    load = lambda path: transformers.BertModel.from_pretrained(path, add_pooling_layer=False)
-    base_folder, inputs = bases["encoder"], {"input_ids": torch.arange(101, 140)[None]}
-    output = lambda result: result.last_hidden_state
+  load, base_folder, inputs, output = _torch_tower(tower, bases)
   adapter_dir = bf16_adapters_export / "peft" / tower
   assert {str(t.dtype) for t in load_file(adapter_dir / PEFT_WEIGHTS_FILE).values()} == {"bfloat16"}
   with_adapter = peft.PeftModel.from_pretrained(load(base_folder), adapter_dir).eval()
