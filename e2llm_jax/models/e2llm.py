@@ -68,15 +68,17 @@ def scaled_lora(trainable: Any, name: str, config: lora.LoRAConfig | None):
 
 
 def soft_tokens(cfg: E2LLMConfig, frozen: Any, trainable: Any, chunk_ids: jax.Array,
-                chunk_token_mask: jax.Array, deterministic: bool = True, rng=None) -> jax.Array:
-  """Chunk ids [B,N,T] → soft tokens [B,N·k,D_decoder]; every chunk is encoded in parallel."""
+                chunk_token_mask: jax.Array, deterministic: bool = True, rng=None,
+                grouped: bool = True) -> jax.Array:
+  """Chunk ids [B,N,T] → soft tokens [B,N·k,D_decoder]; every chunk is encoded in parallel
+  (in groups when `grouped`: inference; the train step passes False, see bert.encode)."""
   batch, num_chunks, length = chunk_ids.shape
   flat_ids = chunk_ids.reshape(batch * num_chunks, length)
   flat_mask = chunk_token_mask.reshape(batch * num_chunks, length)
   rngs = None if deterministic or rng is None else {"dropout": rng}
   hidden = bert.encode(cfg.encoder, frozen["encoder"], flat_ids, flat_mask,
                        lora=scaled_lora(trainable, "encoder_lora", cfg.encoder_lora),
-                       deterministic=deterministic, rngs=rngs)
+                       deterministic=deterministic, rngs=rngs, grouped=grouped)
   pooling = cfg.pooling_module()
   pooled = pooling.apply({"params": trainable.get("pooling", {})}, hidden.astype(jnp.float32),
                          flat_mask)
@@ -116,10 +118,12 @@ def last_real_index(mask: jax.Array) -> jax.Array:
 
 def target_logits(cfg: E2LLMConfig, frozen: Any, trainable: Any, batch: dict,
                   deterministic: bool = True, rng=None) -> jax.Array:
-  """Logits [B,A,V] that predict each target token (teacher forcing), computed only there."""
+  """Logits [B,A,V] that predict each target token (teacher forcing), computed only there.
+
+  The training loss's path, so chunks are encoded as one batch (not grouped: bert.encode)."""
   enc_rng, dec_rng = (None, None) if rng is None else jax.random.split(rng)
   soft = soft_tokens(cfg, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"],
-                     deterministic, enc_rng)
+                     deterministic, enc_rng, grouped=False)
   embeds, mask = splice(cfg, frozen, soft, batch)
   decoder_lora = scaled_lora(trainable, "decoder_lora", cfg.decoder_lora)
   rngs = None if deterministic or dec_rng is None else {"dropout": dec_rng}
