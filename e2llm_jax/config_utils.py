@@ -38,9 +38,7 @@ REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "ckpt.keep": int,
 }
 
-POOLINGS = ("cls", "mean", "segment", "pma")  # bert.Pooling implements them
-# The poolings that give model.tokens_per_chunk vectors per chunk; the others give one.
-MULTI_TOKEN_POOLINGS = ("segment", "pma")
+POOLINGS = ("cls", "mean", "pma")  # bert.Pooling implements them
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OVERLONG_POLICIES = ("head_tail", "head", "tail", "error")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -84,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.encoder = _tower()
   c.model.decoder = _tower()
-  c.model.pooling = "pma"  # cls | mean | segment | pma (bert.POOLINGS)
+  c.model.pooling = "pma"  # cls | mean | pma
   c.model.tokens_per_chunk = 1  # soft tokens per chunk (paper: one "chunk token")
   c.model.pma_heads = 4
   c.model.adapter_hidden = 0  # 0 = the decoder's hidden size
@@ -257,10 +255,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.append(f"model.{tower}.path={spec.path!r} does not exist")
   if config.model.pooling not in POOLINGS:
     problems.append(f"model.pooling={config.model.pooling!r} is not one of {POOLINGS}")
-  if config.model.pooling not in MULTI_TOKEN_POOLINGS and config.model.tokens_per_chunk != 1:
+  if config.model.pooling != "pma" and config.model.tokens_per_chunk != 1:
     problems.append(f"model.tokens_per_chunk={config.model.tokens_per_chunk} needs "
-                    f"model.pooling in {MULTI_TOKEN_POOLINGS} (cls and mean give one vector per "
-                    "chunk)")
+                    "model.pooling='pma' (cls and mean give one vector per chunk)")
   if config.model.compute_dtype not in COMPUTE_DTYPES:
     problems.append(f"model.compute_dtype={config.model.compute_dtype!r} is not one of "
                     f"{COMPUTE_DTYPES}")

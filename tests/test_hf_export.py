@@ -363,15 +363,3 @@ def test_asset_bases_are_recorded_without_machine_paths(tmp_path):
   assert record["asset"] == "minilm" and record["path"] is None
   assert record["hf_name"] == "sentence-transformers/all-MiniLM-L6-v2"
   assert bundle.find_base(tmp_path, "encoder", record) == path
-
-
-@pytest.mark.parametrize("kind,num_tokens", [("cls", 1), ("mean", 1), ("segment", 4)])
-def test_remote_code_pooling_without_parameters_matches_ours(kind, num_tokens):
-  rng = np.random.default_rng(0)
-  hidden = rng.normal(size=(3, 11, 8)).astype(np.float32)
-  mask = np.ones((3, 11), np.int32)
-  mask[1, 6:], mask[2, 2:] = 0, 0  # 6 real tokens (uneven spans), 2 (fewer than the spans)
-  ours = bert.Pooling(kind, 8, num_tokens=num_tokens).apply({}, hidden, mask)
-  remote = modeling_e2llm.Pooling(kind, 8, num_tokens, 4, 32, 1e-5)(
-      torch.tensor(hidden), torch.tensor(mask))
-  np.testing.assert_allclose(remote.numpy(), np.asarray(ours), atol=1e-6)

@@ -131,16 +131,15 @@ def text_ids(tokenizer, text):
 
 
 # ----------------------------------------------------------------------------------------------
-# The modules: pooling (cls / mean / segment / pma), adapter, and the two towers.
+# The modules: pooling (cls / mean / pma), adapter, and the two towers.
 
 
 class Pooling(nn.Module):
-  """Chunk outputs [B,T,D] → [B,k,D]: `cls`, masked `mean`, `segment` (means of k spans in
-  order) or `pma` (k learned seeds attend)."""
+  """Chunk outputs [B,T,D] → [B,k,D]: `cls`, masked `mean`, or `pma` (k learned seeds attend)."""
 
   def __init__(self, kind, width, num_tokens, num_heads, ffn_size, eps):
     super().__init__()
-    self.kind, self.num_heads, self.num_tokens = kind, num_heads, num_tokens
+    self.kind, self.num_heads = kind, num_heads
     if kind == "pma":
       self.seeds = nn.Parameter(torch.zeros(num_tokens, width))
       for name in ("query", "key", "value", "attention_output"):
@@ -155,14 +154,6 @@ class Pooling(nn.Module):
     mask_f = mask.to(hidden.dtype)[..., None]
     if self.kind == "mean":
       return (hidden * mask_f).sum(1, keepdim=True) / mask_f.sum(1, keepdim=True).clamp(min=1.0)
-    if self.kind == "segment":
-      # A chunk's n real tokens split in order into k spans: token r goes to span floor(r·k/n).
-      maskf = mask.float()
-      rank = maskf.cumsum(-1) - 1
-      span = torch.floor(rank * self.num_tokens / maskf.sum(-1, keepdim=True).clamp(min=1.0))
-      member = (span[:, None, :] == torch.arange(self.num_tokens)[None, :, None]) & mask.bool()[:, None]
-      member = member.to(hidden.dtype)
-      return member @ hidden / member.sum(-1, keepdim=True).clamp(min=1.0)
     batch, length, width = hidden.shape
     heads, head_dim = self.num_heads, width // self.num_heads
     seeds = self.seeds[None].expand(batch, -1, -1)

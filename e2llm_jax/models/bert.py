@@ -1,7 +1,6 @@
 """The BERT-family chunk encoder (MiniLM, GTE, BGE, E5) as HF `BertModel`, and chunk pooling.
 
-Pooling turns a chunk's token outputs into `k` vectors: `cls`, masked `mean`, `segment` (the means of k
-consecutive spans, in order) or `pma` (learned seeds).
+Pooling turns a chunk's token outputs into `k` vectors: `cls`, masked `mean`, or `pma` (learned seeds).
 """
 
 import dataclasses
@@ -11,9 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from e2llm_jax.config_utils import MULTI_TOKEN_POOLINGS, POOLINGS
+from e2llm_jax.config_utils import POOLINGS
 from e2llm_jax.models import attention, layers
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,23 +94,8 @@ class Encoder(nn.Module):
     return x
 
 
-def segment_weights(mask: jax.Array, num_segments: int) -> jax.Array:
-  """[B,k,T] averaging weights: the chunk's n real tokens split in order into k spans, the i-th
-  holding tokens [i·n/k, (i+1)·n/k); a span with no token (n < k) averages nothing and gives zeros."""
-  mask = mask.astype(jnp.float32)
-  real = jnp.sum(mask, axis=-1, keepdims=True)  # [B,1]
-  rank = jnp.cumsum(mask, axis=-1) - 1  # a real token's index among the real tokens
-  span = jnp.floor(rank * num_segments / jnp.maximum(real, 1.0))  # [B,T]
-  member = (span[:, None, :] == jnp.arange(num_segments)[None, :, None]) & (mask[:, None, :] > 0)
-  member = member.astype(jnp.float32)
-  return member / jnp.maximum(jnp.sum(member, axis=-1, keepdims=True), 1.0)
-
-
 class Pooling(nn.Module):
-  """Chunk outputs [B,T,D] → [B,k,D] by `cls`, masked `mean`, `segment` or `pma`.
-
-  `segment` keeps the chunk's order: soft token i is the mean of the i-th of k equal spans of its
-  real tokens (no parameters; a k-fold token merge).
+  """Chunk outputs [B,T,D] → [B,k,D] by `cls`, masked `mean`, or `pma`.
 
   `pma` is pooling by multi-head attention: k learned seeds attend over the chunk's real tokens,
   then residual + LayerNorm + FFN + residual + LayerNorm (Set Transformer's PMA block).
@@ -127,10 +110,9 @@ class Pooling(nn.Module):
   def __post_init__(self):
     if self.kind not in POOLINGS:
       raise ValueError(f"Unknown pooling {self.kind!r}; choose one of {POOLINGS}.")
-    if self.kind not in MULTI_TOKEN_POOLINGS and self.num_tokens != 1:
+    if self.kind != "pma" and self.num_tokens != 1:
       raise ValueError(f"Pooling {self.kind!r} gives one token per chunk, but "
-                       f"tokens_per_chunk={self.num_tokens}; use one of {MULTI_TOKEN_POOLINGS} "
-                       "for several.")
+                       f"tokens_per_chunk={self.num_tokens}; use pooling 'pma' for several.")
     if self.kind == "pma" and self.hidden_size % self.num_heads:
       raise ValueError(f"PMA heads ({self.num_heads}) must divide the encoder width "
                        f"({self.hidden_size}).")
@@ -144,9 +126,6 @@ class Pooling(nn.Module):
     if self.kind == "mean":
       total = jnp.sum(hidden * mask_f, axis=1, keepdims=True)
       return total / jnp.maximum(jnp.sum(mask_f, axis=1, keepdims=True), 1.0)
-    if self.kind == "segment":
-      weights = segment_weights(mask, self.num_tokens).astype(hidden.dtype)
-      return jnp.einsum("bkt,btd->bkd", weights, hidden)
     width, heads = self.hidden_size, self.num_heads
     batch, length, _ = hidden.shape
     seeds = self.param("seeds", nn.with_logical_partitioning(nn.initializers.normal(0.02),
