@@ -55,11 +55,12 @@ def get_config(arg=None):
 '''
 
 
-def _environment(cache: pathlib.Path) -> dict:
+def _environment() -> dict:
+  """The session's environment (and its compilation cache, conftest.py), caching every compile."""
   env = dict(os.environ)
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop("E2LLM_DEBUG", None)
   return env
 
@@ -94,8 +95,8 @@ def write_bert(folder: pathlib.Path, seed: int, drop: str | None = None,
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  return _environment(tmp_path_factory.getbasetemp() / "jax_cache")
+def env():
+  return _environment()
 
 
 @pytest.fixture(scope="module")

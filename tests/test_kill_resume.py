@@ -29,11 +29,12 @@ ARGS = [f"--config.train.steps={STEPS}", f"--config.ckpt.every_steps={EVERY}",
         "--config.ckpt.keep=2", "--config.train.eval_examples=0", "--config.train.log_every=1"]
 
 
-def _environment(cache: pathlib.Path) -> dict:
+def _environment() -> dict:
+  """The session's environment (and its compilation cache, conftest.py), caching every compile."""
   env = dict(os.environ)
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+             HF_HUB_OFFLINE="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONUNBUFFERED="1")
   return env
 
 
@@ -94,7 +95,7 @@ def env(tmp_path_factory):
   root = tmp_path_factory.mktemp("towers")
   (root / "cfg.py").write_text(CONFIG_FILE.format(tiny=str(ROOT / "configs" / "tiny.py")))
   write_bert(root / "bert_other", seed=1)  # same shapes, other values
-  return {**_environment(tmp_path_factory.getbasetemp() / "jax_cache"),
+  return {**_environment(),
           "TEST_CONFIG": str(root / "cfg.py"), "TEST_ENCODER": str(write_bert(root / "bert", 0))}
 
 

@@ -169,8 +169,8 @@ def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask
   if not grouped or not deterministic or batch <= group:
     return apply(input_ids, attention_mask)
   pad = -batch % group
-  grouped = lambda x: jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, group, length)
-  hidden = jax.lax.map(lambda xs: apply(*xs), (grouped(input_ids), grouped(attention_mask)))
+  in_groups = lambda x: jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, group, length)
+  hidden = jax.lax.map(lambda xs: apply(*xs), (in_groups(input_ids), in_groups(attention_mask)))
   return hidden.reshape(batch + pad, length, -1)[:batch]
 
 
