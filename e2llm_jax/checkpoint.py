@@ -286,7 +286,8 @@ class Checkpointer:
 
   def _mismatch_message(self, step: int, details: str) -> str:
     return (f"Checkpoint step {step} in {self.directory} does not fit the current train state "
-            "(were LoRA ranks or targets, pooling, adapter or optimizer settings changed?): "
+            "(were LoRA ranks or targets, pooling, adapter, optimizer settings or "
+            "model.scan_layers changed?): "
             f"{details}. Use the config of the run that wrote it, or start a new workdir.")
 
   def wait(self) -> None:

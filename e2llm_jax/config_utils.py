@@ -40,6 +40,8 @@ REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
 
 POOLINGS = ("cls", "mean", "pma")  # bert.Pooling implements them
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# jax.checkpoint_policies names for model.remat_policy: what the backward may keep from the forward.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 OVERLONG_POLICIES = ("head_tail", "head", "tail", "error")
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -88,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.adapter_hidden = 0  # 0 = the decoder's hidden size
   c.model.compute_dtype = "float32"  # float32 | bfloat16
   c.model.remat = False
+  c.model.remat_policy = "nothing_saveable"  # REMAT_POLICIES; used when remat
+  # Layers under lax.scan over stacked params: compile time stays flat in depth. False unrolls them.
+  c.model.scan_layers = True
   # auto | xla (dense) | blockwise (online softmax, no [T,S]) | cudnn (GPU) | pallas (TPU splash);
   # auto: dense for short sequences, blockwise for long ones, cudnn on GPU, pallas on TPU.
   c.model.attention = "auto"
@@ -261,6 +266,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.compute_dtype not in COMPUTE_DTYPES:
     problems.append(f"model.compute_dtype={config.model.compute_dtype!r} is not one of "
                     f"{COMPUTE_DTYPES}")
+  if config.model.remat_policy not in REMAT_POLICIES:
+    problems.append(f"model.remat_policy={config.model.remat_policy!r} is not one of "
+                    f"{REMAT_POLICIES}")
   if config.data.overlong_policy not in OVERLONG_POLICIES:
     problems.append(f"data.overlong_policy={config.data.overlong_policy!r} is not one of "
                     f"{OVERLONG_POLICIES}")

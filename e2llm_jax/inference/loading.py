@@ -51,6 +51,8 @@ def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A saved resolved config (JSON types) over the base config."""
   config = config_utils.base_config()
   _overlay(config, saved)
+  if "scan_layers" not in saved.get("model", {}):
+    config.model.scan_layers = False  # written before towers scanned: its LoRA trees are per layer
   return config
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from e2llm_jax.config_utils import POOLINGS
-from e2llm_jax.models import attention, layers
+from e2llm_jax.models import attention, layers, stacking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,8 @@ class EncoderConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, used when remat
+  scan_layers: bool = True  # params stacked as `layer` [num_layers, ...], else `layer_<i>`
   lora_dropout: float = 0.0
   attention: str = "auto"  # attention.IMPLEMENTATIONS
   attention_block_q: int = 512  # blockwise kernel: queries and keys per block
@@ -42,6 +44,7 @@ class EncoderConfig:
 
 
 class EncoderLayer(nn.Module):
+  """One post-LayerNorm BERT layer: x → (x, None), the shape a scan over layers takes."""
   cfg: EncoderConfig
 
   @nn.compact
@@ -63,7 +66,7 @@ class EncoderLayer(nn.Module):
     h = layers.activation(cfg.hidden_act)(
         dense(cfg.intermediate_size, ("embed", "mlp"), "intermediate")(x, deterministic))
     h = dense(cfg.hidden_size, ("mlp", "embed"), "output")(h, deterministic)
-    return layers.LayerNorm(cfg.layer_norm_eps, name="output_norm")(x + h)
+    return layers.LayerNorm(cfg.layer_norm_eps, name="output_norm")(x + h), None
 
 
 class Encoder(nn.Module):
@@ -85,12 +88,14 @@ class Encoder(nn.Module):
                         name="token_type_embeddings")(token_type_ids))
     x = layers.LayerNorm(cfg.layer_norm_eps, name="embeddings_norm")(x).astype(cfg.compute_dtype)
     mask = attention.key_padding_mask(attention_mask)
-    layer_cls = EncoderLayer
-    if cfg.remat:
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,),
-                           policy=jax.checkpoint_policies.nothing_saveable)
-    for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic)
+    layer_cls = layers.layer_class(EncoderLayer, cfg.remat_policy if cfg.remat else None,
+                                   static_argnums=(3,), scanned=cfg.scan_layers)
+    if cfg.scan_layers:
+      scanned = layers.scanned(layer_cls, cfg.num_layers, (nn.broadcast, nn.broadcast))
+      x, _ = scanned(cfg, name=stacking.ENCODER_LAYERS)(x, mask, deterministic)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = layer_cls(cfg, name=f"{stacking.ENCODER_LAYERS}_{i}")(x, mask, deterministic)
     return x
 
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by the towers: a LoRA-aware Dense, norms, activations, attention.
+"""Building blocks shared by the towers: a LoRA-aware Dense, norms, activations, attention, and
+how a tower repeats its layer (scanned over stacked params or unrolled, rematerialised or not).
 
 Every kernel is created with logical axis names so the sharding rules in the config place it.
 """
@@ -134,3 +135,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: st
   `attention.AttentionMask` or a dense bool [B,1|N,T,S]. See `attention.attention` for the kernels.
   """
   return attention_lib.attention(q, k, v, mask, implementation, block_q, block_k)
+
+
+def layer_class(layer_cls: type[nn.Module], remat_policy: str | None, static_argnums: tuple[int, ...],
+                scanned: bool) -> type[nn.Module]:
+  """`layer_cls`, rematerialised with the named `jax.checkpoint_policies` policy when one is given."""
+  if remat_policy is None:
+    return layer_cls
+  # Under scan, CSE cannot merge the recomputation into the forward, so its guard only costs.
+  return nn.remat(layer_cls, static_argnums=static_argnums, prevent_cse=not scanned,
+                  policy=getattr(jax.checkpoint_policies, remat_policy))
+
+
+def scanned(layer_cls: type[nn.Module], num_layers: int, in_axes: tuple) -> type[nn.Module]:
+  """One module applying `layer_cls` `num_layers` times under `lax.scan`: its params (and LoRA)
+  stacked on a leading `layers` logical axis, so the step compiles one layer whatever the depth.
+  The layer maps (carry, *args) → (carry, per-layer output); `in_axes` says which args are per layer
+  (0) and which every layer shares (`nn.broadcast`)."""
+  return nn.scan(layer_cls, variable_axes={"params": 0, LORA_COLLECTION: 0},
+                 split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})

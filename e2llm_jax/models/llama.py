@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e2llm_jax.models import attention, layers
+from e2llm_jax.models import attention, layers, stacking
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -46,6 +46,8 @@ class DecoderConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, used when remat
+  scan_layers: bool = True  # params stacked as `layers` [num_layers, ...], else `layers_<i>`
   lora_dropout: float = 0.0
   attention: str = "auto"  # attention.IMPLEMENTATIONS
   attention_block_q: int = 512  # blockwise kernel: queries and keys per block
@@ -172,11 +174,17 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range)
-    layer_cls = DecoderLayer
-    if cfg.remat:
-      layer_cls = nn.remat(DecoderLayer, static_argnums=(7,),  # `deterministic`; self is 0
-                           policy=jax.checkpoint_policies.nothing_saveable)
-    self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    layer_cls = layers.layer_class(DecoderLayer, cfg.remat_policy if cfg.remat else None,
+                                   static_argnums=(7,),  # `deterministic`; self is 0
+                                   scanned=cfg.scan_layers)
+    if cfg.scan_layers:
+      # (x | cos, sin, mask, this layer's kv cache, cache_index, deterministic)
+      shared = nn.broadcast
+      self.layers = layers.scanned(layer_cls, cfg.num_layers,
+                                   (shared, shared, shared, 0, shared, shared))(cfg)
+    else:
+      self.layers = [layer_cls(cfg, name=f"{stacking.DECODER_LAYERS}_{i}")
+                     for i in range(cfg.num_layers)]
     self.norm = layers.RMSNorm(cfg.rms_norm_eps)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.compute_dtype,
@@ -192,15 +200,16 @@ class Decoder(nn.Module):
       self.embed_tokens(jnp.zeros((1, 1), jnp.int32))  # the table exists even when it is untied
     x = inputs_embeds.astype(cfg.compute_dtype)
     cos, sin = rope_cos_sin(cfg, positions)
-    new_cache = None if cache is None else []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-      x, updated = layer(x, cos, sin, mask, layer_cache, cache_index, deterministic)
-      if cache is not None:
-        new_cache.append(updated)
-    if cache is not None:
-      new_cache = {"k": jnp.stack([c["k"] for c in new_cache]),
-                   "v": jnp.stack([c["v"] for c in new_cache])}
+    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}  # [layers, ...] each
+    if cfg.scan_layers:
+      x, new_cache = self.layers(x, cos, sin, mask, kv, cache_index, deterministic)
+    else:
+      updates = []
+      for i, layer in enumerate(self.layers):
+        x, updated = layer(x, cos, sin, mask, jax.tree.map(lambda c, i=i: c[i], kv), cache_index,
+                           deterministic)
+        updates.append(updated)
+      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *updates)
     x = self.norm(x)
     if return_hidden:
       return x, new_cache

@@ -1,6 +1,7 @@
 """LoRA as a separate trainable tree beside frozen base params: create, scale, merge, count.
 
-A tree mirrors the param tree at every targeted Dense: `{"a": [in, r], "b": [r, out]}`; `b` starts at zero.
+A tree mirrors the param tree at every targeted Dense: `{"a": [in, r], "b": [r, out]}` (with a leading
+layers axis in a scanned tower); `b` starts at zero.
 """
 
 import dataclasses
@@ -29,7 +30,7 @@ def target_paths(params: Any, targets: str) -> list[tuple[str, ...]]:
   pattern = re.compile(targets)
   flat = traverse_util.flatten_dict(params)
   return [path[:-1] for path, leaf in flat.items()
-          if path[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2
+          if path[-1] == "kernel" and getattr(leaf, "ndim", 0) in (2, 3)
           and pattern.search("/".join(path[:-1]))]
 
 
@@ -42,10 +43,11 @@ def init(rng: jax.Array, params: Any, config: LoRAConfig, dtype=jnp.float32) -> 
   flat = traverse_util.flatten_dict(params)
   tree = {}
   for path, key in zip(paths, jax.random.split(rng, len(paths))):
-    fan_in, fan_out = flat[path + ("kernel",)].shape
+    *layers, fan_in, fan_out = flat[path + ("kernel",)].shape
     bound = 1.0 / jnp.sqrt(fan_in)  # PEFT: kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(in), 1/sqrt(in))
-    tree[path + ("a",)] = jax.random.uniform(key, (fan_in, config.rank), dtype, -bound, bound)
-    tree[path + ("b",)] = jnp.zeros((config.rank, fan_out), dtype)
+    tree[path + ("a",)] = jax.random.uniform(key, (*layers, fan_in, config.rank), dtype, -bound,
+                                             bound)
+    tree[path + ("b",)] = jnp.zeros((*layers, config.rank, fan_out), dtype)
   return traverse_util.unflatten_dict(tree)
 
 
