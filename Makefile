@@ -29,8 +29,9 @@ demo: $(VENV)/.runtime
 	$(PY) -m e2llm_jax.evaluation.showcase --export=artifacts/demo --lengths=4096 --num-samples=4 \
 	    --baselines=none,full --out=$(WORKDIR)/showcase
 
+# Two workers, a file each at a time (module fixtures are built once), longest files first (conftest).
 test: $(VENV)/.dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The CPU benchmarks at settings that finish in about 15 minutes (bench/RESULTS.md has the full ones).
 bench: $(VENV)/.dev

@@ -33,8 +33,7 @@ def _environment() -> dict:
   """The session's environment (and its compilation cache, conftest.py), caching every compile."""
   env = dict(os.environ)
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             PYTHONUNBUFFERED="1")
+             HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
   return env
 
 
