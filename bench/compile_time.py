@@ -27,8 +27,7 @@ def compile_seconds(args, scanned: bool) -> dict:
   config = config_utils.paper_recipe(None)
   config.model.encoder.random_init = config_utils.random_tower(**gpu_paper.GTE_LARGE)
   config.model.decoder.random_init = config_utils.random_tower(**gpu_paper.LLAMA2_7B)
-  if "scan_layers" in config.model:  # a tree without scanning measures the unrolled side only
-    config.model.scan_layers = scanned
+  config.model.scan_layers = scanned
   config.train.batch_size, config.data.max_chunks = args.batch, args.chunks
   config.mesh.shape = (1, 1, 1)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)

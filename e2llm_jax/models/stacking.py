@@ -5,6 +5,7 @@ Hugging Face names (and the weight maps) count layers one by one; these function
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -59,9 +60,8 @@ def stacked(tree: Any, num_layers: int, consume: bool = False) -> Any:
   stack = {}
   for path in list(layers[0]):
     parts = [layer.pop(path) for layer in layers]
-    is_numpy = all(isinstance(p, np.ndarray) for p in parts)
-    stack[path] = np.stack(parts) if is_numpy else jax.numpy.stack(parts)
-    del parts
+    stack[path] = (np.stack(parts) if all(isinstance(p, np.ndarray) for p in parts)
+                   else jnp.stack(parts))
   out[name] = traverse_util.unflatten_dict(stack)
   return out
 
