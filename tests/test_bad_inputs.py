@@ -56,10 +56,9 @@ def get_config(arg=None):
 
 
 def _environment() -> dict:
-  """The session's environment (and its compilation cache, conftest.py), caching every compile."""
+  """The session's environment (XLA flags and compilation cache: conftest.py)."""
   env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+  env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
   env.pop("E2LLM_DEBUG", None)
   return env
 

@@ -255,7 +255,8 @@ def test_eval_cli_on_a_tiny_workdir_matches_the_training_loop(tmp_path):
   """eval.py restores the run onto all 8 devices; the loop evaluated it on one: same held-out result."""
   workdir = tmp_path / "run"
   config = tiny.get_config()
-  config.train.steps, config.train.eval_examples, config.mesh.shape = 1, 8, (1, 1, 1)
+  # test_training's steps and a mesh of its: the train step's program is compiled once for both.
+  config.train.steps, config.train.eval_examples, config.mesh.shape = 4, 8, (1, 1, 1)
   config.ckpt.async_save = False
   in_loop = loop.train(config, str(workdir))
   done = subprocess.run(
@@ -265,9 +266,9 @@ def test_eval_cli_on_a_tiny_workdir_matches_the_training_loop(tmp_path):
       check=False, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   printed = json.loads(done.stdout[done.stdout.index("{"):])
-  assert printed["step"] == 1 and printed["examples"] == in_loop["examples"] == 8
+  assert printed["step"] == 4 and printed["examples"] == in_loop["examples"] == 8
   assert printed["exact_match"] == in_loop["exact_match"]
   np.testing.assert_allclose(printed["ift_loss"], in_loop["ift_loss"], rtol=1e-5)
   assert json.loads((workdir / "eval" / report.RESULTS_FILE).read_text()) == printed
   logged = [json.loads(line) for line in (workdir / "eval_metrics.jsonl").read_text().splitlines()]
-  assert logged[-1]["step"] == 1 and logged[-1]["ift_loss"] == pytest.approx(in_loop["ift_loss"])
+  assert logged[-1]["step"] == 4 and logged[-1]["ift_loss"] == pytest.approx(in_loop["ift_loss"])

@@ -170,7 +170,9 @@ def test_two_processes_log_the_losses_and_held_out_scores_of_one(tmp_path):
           "--config.train.eval_examples=16", "--config.ckpt.async_save=False"]
   procs = []
   for process_id in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    # The session's XLA flags (conftest.py), with 4 devices in each process.
+    xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+    env = dict(os.environ, XLA_FLAGS=xla_flags,
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(process_id), PYTHONPATH=str(ROOT))
     procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
