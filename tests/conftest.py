@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # `make test` runs two workers, each taking a whole file at a time in this order (then collection
 # order): the longest files first, so that no long file starts last and ends the run alone.
-LONGEST_FILES_FIRST = ("test_learns.py", "test_training.py", "test_kill_resume.py",
+LONGEST_FILES_FIRST = ("test_training.py", "test_kill_resume.py", "test_learns.py",
                        "test_inference.py", "test_attention.py", "test_models_parity.py",
                        "test_evaluation.py", "test_hf_export.py", "test_real_weights.py",
                        "test_bad_inputs.py", "test_layer_stacking.py", "test_loop_overlap.py")
