@@ -59,6 +59,12 @@ def random_batch(s: dict, seed: int = 0) -> dict:
 
 
 def jax_side(s: dict, dtype: str, steps: int) -> dict:
+  config, setup, mesh = jax_setup(s, dtype)
+  return time_train_step(config, setup, mesh, random_batch(s), steps)
+
+
+def jax_setup(s: dict, dtype: str):
+  """(config, train setup, mesh) of our side: real towers, one-device mesh."""
   from e2llm_jax import assets, config_utils, sharding
   from e2llm_jax.training import state as state_lib
   config = config_utils.base_config()
@@ -71,8 +77,7 @@ def jax_side(s: dict, dtype: str, steps: int) -> dict:
   config.data.chunk_tokens = s["chunk_tokens"]
   config.mesh.shape = (1, 1, 1)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  setup = state_lib.create_train_state(config, mesh)
-  return time_train_step(config, setup, mesh, random_batch(s), steps)
+  return config, state_lib.create_train_state(config, mesh), mesh
 
 
 def time_train_step(config, setup, mesh, batch: dict, steps: int, print_memory: bool = False) -> dict:
