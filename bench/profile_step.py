@@ -62,10 +62,8 @@ def main() -> None:
   args = parser.parse_args()
   s = train_throughput.shapes(args)
   config, setup, mesh = train_throughput.jax_setup(s, args.dtype)
-  from e2llm_jax.training import step as step_lib
-  batch = train_throughput.random_batch(s)
-  compiled = step_lib.make_train_step(config, setup, batch).lower(
-      setup.state, setup.frozen, batch).compile()
+  compiled, batch, _ = train_throughput.compile_train_step(config, setup, mesh,
+                                                           train_throughput.random_batch(s))
   state = setup.state
   for _ in range(2):  # warm-up
     state, metrics = compiled(state, setup.frozen, batch)

@@ -80,8 +80,8 @@ def jax_setup(s: dict, dtype: str):
   return config, state_lib.create_train_state(config, mesh), mesh
 
 
-def time_train_step(config, setup, mesh, batch: dict, steps: int, print_memory: bool = False) -> dict:
-  """Compile the jitted train step ahead of time, then the median of `steps` timed steps."""
+def compile_train_step(config, setup, mesh, batch: dict):
+  """(the jitted train step compiled ahead of time, the batch placed as it expects, compile s)."""
   import time
   import jax
   from e2llm_jax.training import step as step_lib
@@ -90,7 +90,14 @@ def time_train_step(config, setup, mesh, batch: dict, steps: int, print_memory: 
   batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
   start = time.perf_counter()
   compiled = step.lower(setup.state, setup.frozen, batch).compile()
-  compile_s = time.perf_counter() - start
+  return compiled, batch, time.perf_counter() - start
+
+
+def time_train_step(config, setup, mesh, batch: dict, steps: int, print_memory: bool = False) -> dict:
+  """Compile the jitted train step ahead of time, then the median of `steps` timed steps."""
+  import jax
+  from e2llm_jax.training import step as step_lib
+  compiled, batch, compile_s = compile_train_step(config, setup, mesh, batch)
   if print_memory:
     print(step_lib.memory_report(compiled), flush=True)
   state = setup.state

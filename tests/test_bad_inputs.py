@@ -55,7 +55,7 @@ def get_config(arg=None):
 '''
 
 
-def _environment() -> dict:
+def subprocess_environment() -> dict:
   """The session's environment (XLA flags and compilation cache: conftest.py)."""
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -94,7 +94,7 @@ def write_bert(folder: pathlib.Path, seed: int, drop: str | None = None,
 
 @pytest.fixture(scope="module")
 def env():
-  return _environment()
+  return subprocess_environment()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from test_bad_inputs import CONFIG_FILE, assert_clean_user_error, error_lines, listing, write_bert
+from test_bad_inputs import (CONFIG_FILE, assert_clean_user_error, error_lines, listing,
+                             subprocess_environment, write_bert)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 16, 2
@@ -27,11 +28,6 @@ TIMEOUT_S = 300
 TMP_MARKER = ".orbax-checkpoint-tmp"
 ARGS = [f"--config.train.steps={STEPS}", f"--config.ckpt.every_steps={EVERY}",
         "--config.ckpt.keep=2", "--config.train.eval_examples=0", "--config.train.log_every=1"]
-
-
-def _environment() -> dict:
-  """The session's environment (XLA flags and compilation cache: conftest.py)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
 
 def _start(workdir: pathlib.Path, env: dict, log: pathlib.Path,
@@ -91,7 +87,7 @@ def env(tmp_path_factory):
   root = tmp_path_factory.mktemp("towers")
   (root / "cfg.py").write_text(CONFIG_FILE.format(tiny=str(ROOT / "configs" / "tiny.py")))
   write_bert(root / "bert_other", seed=1)  # same shapes, other values
-  return {**_environment(),
+  return {**subprocess_environment(), "PYTHONUNBUFFERED": "1",
           "TEST_CONFIG": str(root / "cfg.py"), "TEST_ENCODER": str(write_bert(root / "bert", 0))}
 
 

@@ -68,10 +68,12 @@ def test_tiny_trains_sharded_with_the_same_losses_on_every_mesh():
       for path, leaf in big:
         assert not leaf.sharding.is_fully_replicated, (shape, jax.tree_util.keystr(path))
 
-    train_step = step_lib.make_train_step(config, setup, batch_for(config, setup, 0))
+    data = loop.make_data(config, setup.model)
+    batches = [loop._model_arrays(data.local_batch(step)) for step in range(STEPS)]
+    train_step = step_lib.make_train_step(config, setup, batches[0])
     state, per_step = setup.state, []
-    for step in range(STEPS):
-      state, metrics = train_step(state, setup.frozen, batch_for(config, setup, step))
+    for batch in batches:
+      state, metrics = train_step(state, setup.frozen, batch)
       metrics = jax.device_get(metrics)
       assert metrics["recon_tokens"] > 0 and metrics["ift_tokens"] > 0  # both tasks in the batch
       per_step.append([metrics["loss"], metrics["ift_loss"], metrics["recon_loss"]])
