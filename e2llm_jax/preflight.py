@@ -62,9 +62,10 @@ def value_problems(config) -> list[str]:
   if data.ruler_max_seq_length is not None and data.ruler_max_seq_length < 1:
     problems.append(f"data.ruler_max_seq_length={data.ruler_max_seq_length} must be positive")
   tasks = {name for name, weight in dict(data.tasks).items() if weight > 0}
-  if tasks == {RECON}:
+  if tasks == {RECON} and not data.recon_sources:
     problems.append("data.tasks has only 'recon', which restates other tasks' contexts: add a "
-                    "task (e.g. passkey or a RULER task)")
+                    "task (e.g. passkey or a RULER task), or name those tasks in "
+                    "data.recon_sources")
   for tower in ("encoder", "decoder"):
     sizes = config.model[tower].random_init
     if sizes is not None:

@@ -132,6 +132,26 @@ def test_greedy_with_the_cache_is_the_argmax_of_a_full_forward(engine):
   np.testing.assert_array_equal(np.argmax(np.asarray(logits[:, -steps:]), axis=-1), generated)
 
 
+def test_given_soft_tokens_stand_in_for_the_encoded_chunks(engine):
+  examples = pipeline.make_example_encoder(engine.config, engine.encoder_tokenizer,
+                                           engine.decoder_tokenizer)
+  rows = [examples.instruction(document(5), "Where did box 3 go?", "to the port"),
+          examples.instruction(document(2, salt=1), "Which colour was box 1?", "red")]
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in e2llm.BATCH_KEYS}
+  model, frozen, trainable = engine.model, engine.frozen, engine.trainable
+  logits = functools.partial(e2llm.target_logits, model, frozen, trainable, batch)
+  soft = e2llm.soft_tokens(model, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"],
+                           grouped=False)
+  soft_mask = e2llm.soft_token_mask(model, batch["chunk_mask"])
+  np.testing.assert_allclose(logits(soft=soft, soft_mask=soft_mask), logits(), rtol=1e-5, atol=1e-5)
+  # Slots the mask hides never count, whatever they hold and however many there are.
+  hidden_slots = jnp.where(soft_mask[..., None] > 0, soft, 1e3)
+  wider = jnp.concatenate([hidden_slots, jnp.full_like(soft[:, :3], -1e3)], axis=1)
+  wider_mask = jnp.concatenate([soft_mask, jnp.zeros_like(soft_mask[:, :3])], axis=1)
+  np.testing.assert_allclose(logits(soft=wider, soft_mask=wider_mask), logits(), rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(engine):
   questions = ["Where?", "Which box was sent to Oslo on the third day of the month?",
                "Name the colour of box 14."]

@@ -13,7 +13,7 @@ import pytest
 import transformers
 from jax.sharding import NamedSharding, PartitionSpec
 
-from e2llm_jax import assets
+from e2llm_jax import assets, config_utils, preflight
 from e2llm_jax.data import builders, pipeline, tasks
 
 SIZES = dict(chunk_tokens=16, max_chunks=4, prefix_tokens=24, query_tokens=24, target_tokens=24,
@@ -40,14 +40,15 @@ def records(name, count):
   return out
 
 
-def make(seed=0, batch=8, process_index=0, process_count=1, threads=0, weights=None):
+def make(seed=0, batch=8, process_index=0, process_count=1, threads=0, weights=None,
+         recon_sources=None):
   encoder, decoder = tokenizers()
   example_encoder = tasks.ExampleEncoder(encoder, decoder, tasks.ExampleSizes(**SIZES))
   sources = {"alpha": pipeline.InMemorySource(records("alpha", 20)), "beta": records("beta", 7)}
   return pipeline.Pipeline(sources, weights or {"alpha": 0.5, "beta": 0.3, "recon": 0.2},
                            example_encoder, global_batch_size=batch, seed=seed,
                            process_index=process_index, process_count=process_count,
-                           num_threads=threads)
+                           num_threads=threads, recon_sources=recon_sources)
 
 
 def assert_batches_equal(first, second):
@@ -101,6 +102,19 @@ def test_mixture_follows_the_weights_and_recon_reads_other_sources():
   assert np.array_equal(is_recon, batch["source_id"] == mix.task_names.index("recon"))
   # A reconstruction example sees only its window of chunks.
   assert (batch["chunk_mask"][is_recon].sum(-1) <= SIZES["recon_window"]).all()
+
+
+def test_reconstruction_alone_restates_the_named_sources():
+  only_recon = make(weights={"recon": 1.0}, recon_sources=["beta"])
+  choices = [only_recon.choose(step, slot) for step in range(20) for slot in range(8)]
+  assert {(c.task, c.source) for c in choices} == {("recon", "beta")}
+  batch = only_recon.local_batch(0)
+  assert (batch["task"] == tasks.TASK_RECONSTRUCTION).all()
+  config = config_utils.base_config()
+  config.data.tasks = ml_collections.ConfigDict({"recon": 1.0})
+  assert any("only 'recon'" in p for p in preflight.value_problems(config))
+  config.data.recon_sources = ("niah_multikey_2",)
+  assert not any("recon" in p for p in preflight.value_problems(config))
 
 
 def test_global_batch_on_eight_devices():

@@ -95,14 +95,17 @@ def _embed(cfg: E2LLMConfig, frozen, ids):
 
 
 def splice(cfg: E2LLMConfig, frozen: Any, soft: jax.Array, batch: dict,
-           with_target: bool = True) -> tuple[jax.Array, jax.Array]:
+           with_target: bool = True, soft_mask: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array]:
   """Decoder inputs_embeds [B,S,D] and mask [B,S] for prefix ‖ soft ‖ query (‖ target).
 
   Masked slots may sit anywhere: positions count only real tokens and padded keys are never seen.
   """
   pieces = [_embed(cfg, frozen, batch["prefix_ids"]), soft.astype(cfg.decoder.compute_dtype),
             _embed(cfg, frozen, batch["query_ids"])]
-  masks = [batch["prefix_mask"], soft_token_mask(cfg, batch["chunk_mask"]), batch["query_mask"]]
+  if soft_mask is None:
+    soft_mask = soft_token_mask(cfg, batch["chunk_mask"])
+  masks = [batch["prefix_mask"], soft_mask, batch["query_mask"]]
   if with_target:
     pieces.append(_embed(cfg, frozen, batch["target_ids"]))
     masks.append(batch["target_mask"])
@@ -117,14 +120,18 @@ def last_real_index(mask: jax.Array) -> jax.Array:
 
 
 def target_logits(cfg: E2LLMConfig, frozen: Any, trainable: Any, batch: dict,
-                  deterministic: bool = True, rng=None) -> jax.Array:
+                  deterministic: bool = True, rng=None, soft: jax.Array | None = None,
+                  soft_mask: jax.Array | None = None) -> jax.Array:
   """Logits [B,A,V] that predict each target token (teacher forcing), computed only there.
 
-  The training loss's path, so chunks are encoded as one batch (not grouped: bert.encode)."""
+  The training loss's path, so chunks are encoded as one batch (not grouped: bert.encode). Given
+  `soft` [B,S,D] (and its `soft_mask` [B,S]), those vectors stand in for the encoded chunks: a probe
+  of what the decoder makes of other inputs in the soft slots."""
   enc_rng, dec_rng = (None, None) if rng is None else jax.random.split(rng)
-  soft = soft_tokens(cfg, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"],
-                     deterministic, enc_rng, grouped=False)
-  embeds, mask = splice(cfg, frozen, soft, batch)
+  if soft is None:
+    soft = soft_tokens(cfg, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"],
+                       deterministic, enc_rng, grouped=False)
+  embeds, mask = splice(cfg, frozen, soft, batch, soft_mask=soft_mask)
   decoder_lora = scaled_lora(trainable, "decoder_lora", cfg.decoder_lora)
   rngs = None if deterministic or dec_rng is None else {"dropout": dec_rng}
   hidden = llama.decoder_forward(cfg.decoder, frozen["decoder"], inputs_embeds=embeds,
