@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from e2llm_jax import checkpoint
+from test_training import free_port
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -264,13 +265,10 @@ jax.distributed.shutdown()
 def test_two_processes_save_and_restore_on_another_mesh(tmp_path):
   # Two JAX processes of 2 CPU devices each (gloo), started the way scripts/k8s_jobset.yaml does:
   # JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID.
-  import socket
   import subprocess
   import sys
 
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
+  port = free_port()
   root = pathlib.Path(__file__).resolve().parents[1]
   workers = []
   for process_id in range(2):

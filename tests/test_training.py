@@ -155,7 +155,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tmp_path)
     assert ckpt.latest_step() == 2
 
 
-def _free_port() -> int:
+def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -165,7 +165,7 @@ def test_two_processes_log_the_losses_and_held_out_scores_of_one(tmp_path):
   single = tmp_path / "single"
   single_eval = loop.train(tiny_config(**{"mesh.shape": (2, 2, 2), "train.eval_examples": 16}),
                            str(single))
-  port = _free_port()
+  port = free_port()
   args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
           "--workdir", str(tmp_path / "multi"), "--config.mesh.shape=2,2,2",
           f"--config.train.steps={STEPS}", "--config.train.log_every=1",

@@ -10,12 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e2llm_jax.data.tasks import TASK_INSTRUCTION as TASK_IFT, TASK_RECONSTRUCTION as TASK_RECON
 from e2llm_jax.models import bert, llama, lora
 from e2llm_jax.models.adapter import Adapter
 
 BATCH_KEYS = ("chunk_ids", "chunk_token_mask", "chunk_mask", "prefix_ids", "prefix_mask",
               "query_ids", "query_mask", "target_ids", "target_mask", "task")
-TASK_IFT, TASK_RECON = 0, 1
 LOSS_SUM_KEYS = ("ift_nll", "recon_nll", "ift_tokens", "recon_tokens", "ift_correct")
 
 
