@@ -73,19 +73,27 @@ def by_kind(nll: np.ndarray, greedy: np.ndarray, batch: dict, digits: np.ndarray
   return out
 
 
-def soft_spread(loaded: loading.LoadedModel, trainable: Any, batch: dict) -> dict:
-  """The soft tokens' mean norm, their spread across chunks and across a chunk's slots (as shares
-  of that norm), against the mean norm of the decoder's word embeddings."""
-  soft = np.asarray(e2llm.soft_tokens(loaded.model, loaded.frozen, trainable,
-                                      jnp.asarray(batch["chunk_ids"]),
-                                      jnp.asarray(batch["chunk_token_mask"]), grouped=False),
-                    np.float32)[:, :loaded.model.tokens_per_chunk]  # each example's first chunk
-  norm = float(np.linalg.norm(soft, axis=-1).mean())
-  spread = lambda axis: float(np.linalg.norm(soft - soft.mean(axis, keepdims=True), axis=-1).mean())
-  words = np.asarray(llama.embed(loaded.model.decoder, loaded.frozen["decoder"],
-                                 jnp.arange(loaded.model.decoder.vocab_size)[None]), np.float32)[0]
-  return {"soft_norm": norm, "across_chunks": spread(0) / norm, "across_slots": spread(1) / norm,
-          "word_norm": float(np.linalg.norm(words, axis=-1).mean())}
+def soft_tokens(loaded: loading.LoadedModel, trainable: Any, batch: dict) -> jax.Array:
+  """The soft tokens [B,N·k,D] of the batch's chunks, as the training loss computes them."""
+  return e2llm.soft_tokens(loaded.model, loaded.frozen, trainable, jnp.asarray(batch["chunk_ids"]),
+                           jnp.asarray(batch["chunk_token_mask"]), grouped=False)
+
+
+def word_norm(loaded: loading.LoadedModel) -> float:
+  """Mean norm of the decoder's word embeddings (the scale its own inputs have)."""
+  words = llama.embed(loaded.model.decoder, loaded.frozen["decoder"],
+                      jnp.arange(loaded.model.decoder.vocab_size)[None])[0]
+  return float(np.linalg.norm(np.asarray(words, np.float32), axis=-1).mean())
+
+
+def soft_spread(soft: jax.Array, tokens_per_chunk: int) -> dict:
+  """The soft tokens' mean norm, and their spread across chunks and across a chunk's slots (as
+  shares of that norm), over each example's first chunk."""
+  first = np.asarray(soft, np.float32)[:, :tokens_per_chunk]
+  norm = float(np.linalg.norm(first, axis=-1).mean())
+  spread = lambda axis: float(
+      np.linalg.norm(first - first.mean(axis, keepdims=True), axis=-1).mean())
+  return {"soft_norm": norm, "across_chunks": spread(0) / norm, "across_slots": spread(1) / norm}
 
 
 def oracle(loaded: loading.LoadedModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +123,7 @@ def main() -> None:
   real = batch["target_mask"].astype(bool)
   digits = digit_tokens(loaded.decoder_tokenizer, batch["target_ids"])
   rows = [("oracle: the text's own embeddings", by_kind(*oracle(loaded, batch), batch, digits))]
+  words = word_norm(loaded)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           loaded.trainable)
   checkpoints = pathlib.Path(args.workdir) / loading.CHECKPOINTS_DIR
@@ -122,9 +131,11 @@ def main() -> None:
   with checkpoint.Checkpointer(checkpoints, 1, 1 << 30, async_save=False) as reader:
     for step in [int(s) for s in args.steps.split(",") if s] or sorted(reader.all_steps()):
       trainable, _, _ = reader.restore_params(step, abstract)
-      nll, greedy = teacher_forced(loaded.model, loaded.frozen, trainable, batch)
+      soft = soft_tokens(loaded, trainable, batch)  # encoded once: the NLL and the spread share it
+      nll, greedy = teacher_forced(loaded.model, loaded.frozen, trainable, batch, soft=soft)
       rows.append((f"step {step}", {**by_kind(nll, greedy, batch, digits),
-                                    **soft_spread(loaded, trainable, batch)}))
+                                    **soft_spread(soft, loaded.model.tokens_per_chunk),
+                                    "word_norm": words}))
       for row in range(min(args.show, len(real))):
         for what, ids in (("gold", batch["target_ids"][row]), ("said", greedy[row])):
           print(f"step {step} {what}: {loaded.decoder_tokenizer.decode(ids[real[row]].tolist())!r}")
