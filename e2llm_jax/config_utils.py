@@ -38,7 +38,7 @@ REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "ckpt.keep": int,
 }
 
-POOLINGS = ("cls", "mean", "pma")  # bert.Pooling implements them
+POOLINGS = ("cls", "mean", "pma", "tokens")  # bert.Pooling implements them
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # jax.checkpoint_policies names for model.remat_policy: what the backward may keep from the forward.
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.encoder = _tower()
   c.model.decoder = _tower()
-  c.model.pooling = "pma"  # cls | mean | pma
+  # cls | mean | pma | tokens (every text token of a chunk is a soft token: no compression)
+  c.model.pooling = "pma"
   c.model.tokens_per_chunk = 1  # soft tokens per chunk (paper: one "chunk token")
   c.model.pma_heads = 4
   c.model.adapter_hidden = 0  # 0 = the decoder's hidden size
@@ -129,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
   # A run folder (or its checkpoints/) whose newest step's trainable params start this run, with a
   # fresh optimizer and step 0: the next stage of a curriculum. Ignored once this run has a checkpoint.
   c.train.init_from = config_dict.placeholder(str)
+  # > 0 (pooling 'tokens'): before step 1 of a fresh run, fit the adapter by least squares on this
+  # many training chunk texts, so each encoder token state maps to the decoder's embedding of the
+  # same text (training.warm_start); 0 = random adapter.
+  c.train.adapter_warm_start = 0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.recon_weight = 0.1
@@ -143,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.chunk_tokens = 128  # encoder tokens per chunk (cut at a sentence end at or before)
   c.data.max_chunks = 32
   c.data.chunk_overlap = 0  # tokens shared by neighbouring chunks
+  # Spaces between digits in the encoder's view of a chunk, so a WordPiece encoder gives one token
+  # per digit ("512","##30" -> "5","1","2",...); the text itself and the decoder's view are unchanged.
+  c.data.encoder_split_digits = False
   c.data.recon_window = 1  # consecutive chunks one reconstruction example regenerates
   c.data.prefix_tokens = 32  # decoder prompt before the soft tokens
   c.data.query_tokens = 64
@@ -260,7 +268,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.append(f"model.{tower}.path={spec.path!r} does not exist")
   if config.model.pooling not in POOLINGS:
     problems.append(f"model.pooling={config.model.pooling!r} is not one of {POOLINGS}")
-  if config.model.pooling != "pma" and config.model.tokens_per_chunk != 1:
+  if (config.model.pooling == "tokens"
+      and config.model.tokens_per_chunk != config.data.chunk_tokens):
+    problems.append(f"model.pooling='tokens' makes every encoder position a soft token: set "
+                    f"model.tokens_per_chunk={config.data.chunk_tokens} (data.chunk_tokens), not "
+                    f"{config.model.tokens_per_chunk}")
+  if config.train.adapter_warm_start and config.model.pooling != "tokens":
+    problems.append(f"train.adapter_warm_start={config.train.adapter_warm_start} fits token states "
+                    f"to decoder embeddings, so it needs model.pooling='tokens' (not "
+                    f"{config.model.pooling!r}); set it to 0 or change the pooling")
+  if config.model.pooling in ("cls", "mean") and config.model.tokens_per_chunk != 1:
     problems.append(f"model.tokens_per_chunk={config.model.tokens_per_chunk} needs "
                     "model.pooling='pma' (cls and mean give one vector per chunk)")
   if config.model.compute_dtype not in COMPUTE_DTYPES:

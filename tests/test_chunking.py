@@ -46,9 +46,9 @@ def prose(draw):
   return "".join(pieces)
 
 
-def check_chunks(text, chunk_tokens, overlap):
+def check_chunks(text, chunk_tokens, overlap, split_digits=False):
   tokenizer = minilm()
-  chunker = chunking.Chunker(tokenizer, chunk_tokens, overlap)
+  chunker = chunking.Chunker(tokenizer, chunk_tokens, overlap, split_digits)
   chunks = chunker(text)
   # No chunk exceeds the limit, special tokens included.
   assert all(len(ids) <= chunk_tokens for ids in chunks.ids)
@@ -58,7 +58,7 @@ def check_chunks(text, chunk_tokens, overlap):
   assert chunks.texts == [text[start:end] for start, end in chunks.spans]
   assert chunks.recover_text() == text
   assert chunks.spans[0][0] == 0 and chunks.spans[-1][1] == len(text)
-  ids, offsets = chunking.tokenize_with_offsets(tokenizer, text)
+  ids, offsets = chunking.tokenize_with_offsets(tokenizer, text, split_digits)
   if not ids:
     assert len(chunks) == 1
     return chunks
@@ -114,6 +114,19 @@ def test_cuts_at_sentence_ends_and_keeps_whitespace_with_the_earlier_chunk():
   assert chunks.texts == ["One two three. Four five six.\n\n",
                           "Seven eight nine ten eleven twelve thirteen fourteen", "."]
   assert chunks.recover_text() == text
+
+
+def test_split_digits_gives_one_encoder_token_per_digit_and_keeps_the_text():
+  text = "Room 3041 opened in 1998. Call 555-0199!\nPi is 3.14159, not 22/7. Gate 12B at 07:45."
+  ids, offsets = chunking.tokenize_with_offsets(minilm(), text, split_digits=True)
+  pieces = minilm().convert_ids_to_tokens(ids)
+  digit_pieces = [piece for piece in pieces if any(c.isdigit() for c in piece)]
+  assert digit_pieces == [c for c in text if c.isdigit()]  # one token per digit, no "##" pieces
+  # Offsets index the original text, not the spaced one.
+  assert [text[a:b] for (a, b), piece in zip(offsets, pieces) if piece.isdigit()] == digit_pieces
+  assert len(ids) > len(chunking.tokenize_with_offsets(minilm(), text)[0])
+  for chunk_tokens, overlap in ((4, 0), (7, 2), (12, 5), (64, 0)):
+    check_chunks(text, chunk_tokens, overlap, split_digits=True)  # recover_text() among them
 
 
 def test_empty_and_whitespace_texts_give_one_chunk_of_special_tokens():

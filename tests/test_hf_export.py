@@ -4,6 +4,7 @@ One run trains tiny random towers that speak real tokenizers (MiniLM's, SmolLM2'
 """
 
 import json
+import pathlib
 import shutil
 
 import huggingface_hub
@@ -21,6 +22,7 @@ from e2llm_jax.data import chunking, tasks
 from e2llm_jax.hf import bundle, export as export_lib, modeling_e2llm
 from e2llm_jax.hf import gguf as hf_gguf
 from e2llm_jax.hf.peft_adapters import PEFT_WEIGHTS_FILE
+from e2llm_jax.inference import E2LLM, loading
 from e2llm_jax.models import bert, e2llm, llama, lora
 from e2llm_jax.training import loop
 from test_hf_import import saved_tensors, write_gguf
@@ -34,6 +36,8 @@ QUESTIONS = [("The passkey is 48213. Keep it safe.", "What is the passkey?"),
              ("The blue key opens the cellar door.", "Which key opens the cellar?"),
              ("Our train leaves at seven, platform nine.", "When does the train leave?"),
              ("The recipe needs three eggs and a cup of flour.", "How many eggs are needed?")]
+NUMBERS = ("Invoice 4821937 was paid on 2024-03-15: 1250.75 euros. Crates 17 to 96 sit in room "
+           "3041.\nCall 555-0199 before 08:30! ")
 
 
 def long_context(index: int) -> str:
@@ -69,25 +73,44 @@ def bases(tmp_path_factory):
   return {"encoder": encoder_dir, "decoder": decoder_gguf, "decoder_hf": decoder_hf}
 
 
-@pytest.fixture(scope="module")
-def run(bases, tmp_path_factory):
-  """The tiny config on those bases, trained a few steps at a high rate so LoRA B is far from 0."""
+def train_tiny(bases, workdir, pooling="pma", split_digits=False, steps=3):
+  """The tiny config on those bases, trained a few steps at a high rate so LoRA B is far from 0.
+
+  Pooling `tokens` makes every position of a chunk a soft token (tokens_per_chunk = chunk_tokens).
+  """
   config = tiny.get_config()
   for tower in ("encoder", "decoder"):
     config.model[tower].path = str(bases[tower])
     config.model[tower].random_init = None
-  config.train.steps = 3
+  config.train.steps = steps
   config.train.log_every = 1
   config.train.eval_examples = 0
   config.ckpt.async_save = False
   config.optim.lr = 1e-2
   config.optim.warmup_steps = 0
   config.data.update(chunk_tokens=32, max_chunks=8, prefix_tokens=64, query_tokens=48,
-                     target_tokens=12)
-  workdir = tmp_path_factory.mktemp("run")
+                     target_tokens=12, encoder_split_digits=split_digits)
+  if pooling == "tokens":
+    config.model.update(pooling="tokens", tokens_per_chunk=config.data.chunk_tokens)
   loop.train(config, str(workdir))
   return {"config": config, "workdir": workdir,
           "restored": export_lib.restore_for_export(workdir)}
+
+
+@pytest.fixture(scope="module")
+def run(bases, tmp_path_factory):
+  return train_tiny(bases, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def tokens_export(bases, tmp_path_factory):
+  """A full export of a run with pooling `tokens` whose encoder sees one token per digit."""
+  # One step: after three this random decoder answers every question with an end of sequence
+  # first, and empty answers would compare nothing.
+  tokens_run = train_tiny(bases, tmp_path_factory.mktemp("tokens_run"), pooling="tokens",
+                          split_digits=True, steps=1)
+  return export_lib.export(tokens_run["workdir"],
+                           tmp_path_factory.mktemp("tokens_parent") / "export")
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +168,14 @@ def test_layout_and_settings(full_export, adapters_export, run, bases):
   assert [p.name for p in full_export.parent.iterdir()] == ["export"]
   assert sorted(p.name for p in adapters_export.iterdir()) == [
       "adapter.safetensors", "e2llm_config.json", "peft"]
+
+
+def test_a_relative_workdir_exports(run, tmp_path, monkeypatch):
+  # Orbax reads only absolute paths; `--workdir=workdirs/demo` is what users type.
+  monkeypatch.chdir(pathlib.Path(run["workdir"]).parent)
+  out = export_lib.export(pathlib.Path(pathlib.Path(run["workdir"]).name), tmp_path / "export",
+                          adapters_only=True)
+  assert (pathlib.Path(out) / bundle.ADAPTER_FILE).is_file()
 
 
 def test_adapters_only_export_loads_back_exactly(jax_model, run, bases):
@@ -280,21 +311,23 @@ def test_remote_code_repeats_our_chunking_and_prompt_rules(full_export):
   assert modeling_e2llm.CLOSING_CHARACTERS == chunking.CLOSING_CHARACTERS
   assert modeling_e2llm.CHAT_SENTINEL == tasks.CHAT_SENTINEL
   tokenizer = transformers.AutoTokenizer.from_pretrained(full_export / "encoder")
-  for overlap in (0, 5):
-    chunker = chunking.Chunker(tokenizer, 32, overlap)
-    for index in range(len(QUESTIONS)):
-      text = long_context(index)
-      assert modeling_e2llm.chunk_ids(tokenizer, text, 32, overlap) == chunker(text).ids
+  for overlap, split_digits in ((0, False), (5, False), (0, True), (5, True)):
+    chunker = chunking.Chunker(tokenizer, 32, overlap, split_digits)
+    for text in [long_context(i) for i in range(len(QUESTIONS))] + [NUMBERS * 4]:
+      assert modeling_e2llm.chunk_ids(tokenizer, text, 32, overlap,
+                                      split_digits) == chunker(text).ids
 
 
-def test_remote_code_e2llm_gives_the_jax_greedy_answers(full_export, jax_model):
+def check_remote_greedy_answers(export, jax_model, split_digits=False):
+  """The PyTorch model of a full export answers as e2llm.generate does, token for token."""
   _, model, frozen, trainable = jax_model
-  remote = transformers.AutoModel.from_pretrained(full_export, trust_remote_code=True)
+  remote = transformers.AutoModel.from_pretrained(export, trust_remote_code=True)
   max_new = 12
   sizes = tasks.ExampleSizes(chunk_tokens=32, max_chunks=12, prefix_tokens=64, query_tokens=48,
                              target_tokens=1, recon_window=1)
-  examples = tasks.ExampleEncoder(hf.load_tokenizer(full_export / "encoder"),
-                                  hf.load_tokenizer(full_export / "decoder"), sizes)
+  examples = tasks.ExampleEncoder(hf.load_tokenizer(export / "encoder"),
+                                  hf.load_tokenizer(export / "decoder"), sizes,
+                                  split_digits=split_digits)
   rows = [examples.instruction(long_context(i), question, "")
           for i, (_, question) in enumerate(QUESTIONS)]
   assert all(row["chunks_dropped"] == 0 and row["prompt_tokens_dropped"] == 0 for row in rows)
@@ -313,6 +346,53 @@ def test_remote_code_e2llm_gives_the_jax_greedy_answers(full_export, jax_model):
   assert any(answers)  # something was generated before an end of sequence
   text = remote.generate(QUESTIONS[0][1], long_context(0), max_new_tokens=max_new)
   assert text == examples.decoder_tokenizer.decode(answers[0], skip_special_tokens=True)
+
+
+def test_remote_code_e2llm_gives_the_jax_greedy_answers(full_export, jax_model):
+  check_remote_greedy_answers(full_export, jax_model)
+
+
+def test_remote_code_with_token_pooling_and_split_digits_gives_the_jax_greedy_answers(
+    tokens_export):
+  check_remote_greedy_answers(tokens_export, bundle.load_export(tokens_export), split_digits=True)
+
+
+def test_remote_code_compresses_to_the_jax_engines_text_token_slots(tokens_export):
+  engine = E2LLM.from_export(tokens_export)
+  remote = transformers.AutoModel.from_pretrained(tokens_export, trust_remote_code=True)
+  text = NUMBERS * 3 + long_context(1)
+  context = engine.compress(text)
+  chunks = modeling_e2llm.chunk_ids(remote.encoder_tokenizer, text, 32, 0, split_digits=True)
+  text_tokens = sum(len(ids) - 2 for ids in chunks)  # no [CLS] nor [SEP]
+  unsplit = modeling_e2llm.chunk_ids(remote.encoder_tokenizer, text, 32, 0)
+  assert len(context.chunk_texts) == len(chunks) > 4
+  assert text_tokens > sum(len(ids) - 2 for ids in unsplit)  # the digits were split
+  assert context.visible_soft_tokens.shape[0] == text_tokens
+  np.testing.assert_allclose(remote.compress(text).numpy(), context.visible_soft_tokens,
+                             rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_token_pooling_and_split_digits_round_trip_through_the_export(tokens_export, tmp_path):
+  settings = json.loads((tokens_export / "e2llm_config.json").read_text())
+  assert settings["model"]["pooling"] == "tokens" and settings["model"]["tokens_per_chunk"] == 32
+  assert settings["data"]["encoder_split_digits"] is True
+  config, model, _, trainable = bundle.load_export(tokens_export)
+  assert model.pooling == "tokens" and model.tokens_per_chunk == 32
+  assert set(trainable) == {"adapter"}  # no pooling head to carry
+  assert loading.config_from_json(config).data.encoder_split_digits is True
+  # An export from before the setting has it nowhere: both sides read it as False.
+  old = tmp_path / "old"
+  old.mkdir()
+  for item in tokens_export.iterdir():
+    (old / item.name).symlink_to(item)
+  for section in (settings["data"], settings["config"]["data"]):
+    del section["encoder_split_digits"]
+  (old / "e2llm_config.json").unlink()
+  (old / "e2llm_config.json").write_text(json.dumps(settings))
+  assert loading.config_from_json(bundle.load_export(old)[0]).data.encoder_split_digits is False
+  remote = transformers.AutoModel.from_pretrained(old, trust_remote_code=True)
+  unsplit = modeling_e2llm.chunk_ids(remote.encoder_tokenizer, NUMBERS, 32, 0)
+  assert remote.compress(NUMBERS).shape[0] == sum(len(ids) - 2 for ids in unsplit)
 
 
 def test_adapters_on_a_different_base_fail_naming_both_fingerprints(adapters_export, bases):

@@ -43,10 +43,9 @@ def write_tower(folder: pathlib.Path, hf_config: dict, tensors: dict) -> None:
             str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> pathlib.Path:
-  """A text run trained one step: tiny random towers saved as HF folders with real tokenizers."""
-  root = tmp_path_factory.mktemp("inference")
+def text_run_config(root: pathlib.Path):
+  """configs/tiny.py on tiny random towers saved under `root` as HF folders with real tokenizers,
+  reading RULER needles and restating their chunks."""
   decoder_tokenizer = hf.load_tokenizer(assets.smollm2_gguf())
   encoder_cfg = bert.EncoderConfig(vocab_size=30522, hidden_size=16, num_layers=1, num_heads=2,
                                    intermediate_size=32)
@@ -84,7 +83,14 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   config.train.eval_examples = 0
   config.ckpt.every_steps = 1
   config.ckpt.async_save = False
-  loop.train(config, str(root / "run"))
+  return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+  """A text run trained one step."""
+  root = tmp_path_factory.mktemp("inference")
+  loop.train(text_run_config(root), str(root / "run"))
   return root / "run"
 
 
@@ -142,7 +148,7 @@ def test_given_soft_tokens_stand_in_for_the_encoded_chunks(engine):
   logits = functools.partial(e2llm.target_logits, model, frozen, trainable, batch)
   soft = e2llm.soft_tokens(model, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"],
                            grouped=False)
-  soft_mask = e2llm.soft_token_mask(model, batch["chunk_mask"])
+  soft_mask = e2llm.soft_token_mask(model, batch["chunk_mask"], batch["chunk_token_mask"])
   np.testing.assert_allclose(logits(soft=soft, soft_mask=soft_mask), logits(), rtol=1e-5, atol=1e-5)
   # Slots the mask hides never count, whatever they hold and however many there are.
   hidden_slots = jnp.where(soft_mask[..., None] > 0, soft, 1e3)

@@ -145,6 +145,7 @@ def make_example_encoder(config: Any, encoder_tokenizer: Any, decoder_tokenizer:
   return tasks.ExampleEncoder(
       encoder_tokenizer, decoder_tokenizer, sizes or tasks.ExampleSizes.from_config(data),
       chunk_overlap=int(get("chunk_overlap", 0)),
+      split_digits=bool(get("encoder_split_digits", False)),
       overlong_policy=str(get("overlong_policy", "head_tail")),
       chat_template=get("chat_template", None), system_prompt=get("system_prompt", None))
 

@@ -162,13 +162,15 @@ class ExampleEncoder:
   """Turns `{context, question, answer}` or a context into one fixed-shape example (see module doc)."""
 
   def __init__(self, encoder_tokenizer: Any, decoder_tokenizer: Any, sizes: ExampleSizes, *,
-               chunk_overlap: int = 0, overlong_policy: str = "head_tail",
+               chunk_overlap: int = 0, split_digits: bool = False,
+               overlong_policy: str = "head_tail",
                chat_template: bool | None = None,
                system_prompt: str | None = None):
     self.sizes = sizes
     self.overlong_policy = overlong_policy
     chunking.kept_chunk_indices(0, sizes.max_chunks, overlong_policy)  # validates the name early
-    self.chunker = chunking.Chunker(encoder_tokenizer, sizes.chunk_tokens, chunk_overlap)
+    self.chunker = chunking.Chunker(encoder_tokenizer, sizes.chunk_tokens, chunk_overlap,
+                                    split_digits)
     self.encoder_pad_id = int(encoder_tokenizer.pad_token_id or 0)
     self.decoder_tokenizer = decoder_tokenizer
     if decoder_tokenizer.eos_token_id is None:

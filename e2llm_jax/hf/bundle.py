@@ -96,6 +96,7 @@ def data_settings(config: Any, decoder_window: int) -> dict:
     templates[task] = dataclasses.asdict(tasks.resolve_template(template))
   return {"chunk_tokens": int(data["chunk_tokens"]),
           "chunk_overlap": int(data.get("chunk_overlap") or 0),
+          "encoder_split_digits": bool(data.get("encoder_split_digits") or False),
           "training_max_chunks": int(data["max_chunks"]),
           "prefix_tokens": decoder_window, "query_tokens": decoder_window,
           "target_tokens": int(data["target_tokens"]),
@@ -219,6 +220,8 @@ def load_export(export_dir: str | pathlib.Path, encoder_path: str | pathlib.Path
   export_dir = pathlib.Path(export_dir).expanduser()
   settings = read_settings(export_dir)
   config, model = copy.deepcopy(settings["config"]), settings["model"]
+  # Chunk as the export's PyTorch model does, from the section it reads (absent: an older export).
+  config["data"]["encoder_split_digits"] = bool(settings["data"].get("encoder_split_digits", False))
   trainable = head_params(load_as_float32(export_dir / ADAPTER_FILE))
   overrides = {"encoder": encoder_path, "decoder": decoder_path}
   paths, loras = {}, {}

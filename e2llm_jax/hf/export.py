@@ -68,7 +68,7 @@ def _read_json_item(item_dir: pathlib.Path) -> dict:
 
 def restore_for_export(workdir: pathlib.Path, step: int | None = None) -> dict:
   """{"step", "config" (resolved JSON), "meta", "trainable", "frozen" (random-init towers or None)}."""
-  directory = workdir / CHECKPOINTS_DIR
+  directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR  # Orbax reads no relative path
   if not directory.is_dir():
     raise errors.CheckpointError(f"{str(workdir)!r} has no {CHECKPOINTS_DIR}/ folder: it is not a "
                                  "training workdir; train first with `python train.py "

@@ -38,7 +38,26 @@ def special_token_wrappers(tokenizer):
   raise ValueError(f"cannot locate the text inside the special tokens: {wrapped} lacks {plain}")
 
 
-def tokenize_with_offsets(tokenizer, text):
+def spaced_digits(text):
+  """`text` with a space between neighbouring digits, and for each of its characters (plus the end)
+  the index of the character of `text` it comes from."""
+  out, source = [], []
+  for index, char in enumerate(text):
+    if char.isdigit() and index > 0 and text[index - 1].isdigit():
+      out.append(" ")
+      source.append(index)
+    out.append(char)
+    source.append(index)
+  source.append(len(text))
+  return "".join(out), np.asarray(source, np.int64)
+
+
+def tokenize_with_offsets(tokenizer, text, split_digits=False):
+  """`split_digits`: one WordPiece token per digit, offsets still index `text`."""
+  if split_digits:
+    spaced, source = spaced_digits(text)
+    ids, offsets = tokenize_with_offsets(tokenizer, spaced)
+    return ids, source[offsets] if len(offsets) else offsets
   backend = getattr(tokenizer, "backend_tokenizer", None)
   if backend is not None and backend.truncation is None:
     encoding = backend.encode(text, add_special_tokens=False)
@@ -73,11 +92,11 @@ def sentence_cut_positions(text, offsets):
   return np.flatnonzero(has_newline | followed_by_space) + 1
 
 
-def chunk_ids(tokenizer, text, chunk_tokens, overlap):
+def chunk_ids(tokenizer, text, chunk_tokens, overlap, split_digits=False):
   """Encoder ids of every chunk of `text`, special tokens included."""
   head, tail = special_token_wrappers(tokenizer)
   budget = chunk_tokens - len(head) - len(tail)
-  ids, offsets = tokenize_with_offsets(tokenizer, text)
+  ids, offsets = tokenize_with_offsets(tokenizer, text, split_digits)
   if not ids:
     return [head + tail]
   cuts = sentence_cut_positions(text, offsets)
@@ -131,11 +150,12 @@ def text_ids(tokenizer, text):
 
 
 # ----------------------------------------------------------------------------------------------
-# The modules: pooling (cls / mean / pma), adapter, and the two towers.
+# The modules: pooling (cls / mean / pma / tokens), adapter, and the two towers.
 
 
 class Pooling(nn.Module):
-  """Chunk outputs [B,T,D] → [B,k,D]: `cls`, masked `mean`, or `pma` (k learned seeds attend)."""
+  """Chunk outputs [B,T,D] → [B,k,D]: `cls`, masked `mean`, `pma` (k learned seeds attend), or
+  `tokens` (k = T: every position; `compress` keeps the text tokens' ones)."""
 
   def __init__(self, kind, width, num_tokens, num_heads, ffn_size, eps):
     super().__init__()
@@ -151,6 +171,8 @@ class Pooling(nn.Module):
   def forward(self, hidden, mask):
     if self.kind == "cls":
       return hidden[:, :1]
+    if self.kind == "tokens":
+      return hidden
     mask_f = mask.to(hidden.dtype)[..., None]
     if self.kind == "mean":
       return (hidden * mask_f).sum(1, keepdim=True) / mask_f.sum(1, keepdim=True).clamp(min=1.0)
@@ -227,9 +249,12 @@ class E2LLMModel(PreTrainedModel):
 
   @torch.no_grad()
   def compress(self, text):
-    """Soft tokens [num_chunks·k, decoder width] of `text`, every chunk kept."""
+    """Soft tokens [num_chunks·k, decoder width] of `text`, every chunk kept (pooling `tokens`:
+    one per text token of each chunk, in order)."""
     data = self.settings["data"]
-    chunks = chunk_ids(self.encoder_tokenizer, text, data["chunk_tokens"], data["chunk_overlap"])
+    # Exports written before encoder_split_digits existed tokenized digits as they come.
+    chunks = chunk_ids(self.encoder_tokenizer, text, data["chunk_tokens"], data["chunk_overlap"],
+                       data.get("encoder_split_digits", False))
     length = max(len(c) for c in chunks)
     pad = self.encoder_tokenizer.pad_token_id or 0
     ids = torch.tensor([c + [pad] * (length - len(c)) for c in chunks])
@@ -237,6 +262,11 @@ class E2LLMModel(PreTrainedModel):
     hidden = self.encoder(input_ids=ids, attention_mask=mask,
                           token_type_ids=torch.zeros_like(ids)).last_hidden_state
     soft = self.adapter(self.pooling(hidden.float(), mask))
+    if self.pooling.kind == "tokens":
+      # The decoder reads no [CLS] (position 0), [SEP] (the last real one) or padding slot.
+      keep = mask.bool() & torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1).bool()
+      keep[:, 0] = False
+      return soft[keep]
     return soft.reshape(-1, soft.shape[-1])
 
   def prompt_ids(self, question, template="qa"):

@@ -160,12 +160,13 @@ class E2LLM:
     texts = [texts] if single else list(texts)
     start = time.perf_counter()
     all_chunks = [examples.chunker(text) for text in texts]
-    soft = self._soft_tokens_of([ids for chunks in all_chunks for ids in chunks.ids])
+    soft, slots = self._soft_tokens_of([ids for chunks in all_chunks for ids in chunks.ids])
     contexts, first = [], 0
     for text, chunks in zip(texts, all_chunks):
       count = len(chunks)
       contexts.append(SoftContext(
           soft_tokens=soft[first:first + count].reshape(count * self.model.tokens_per_chunk, -1),
+          slot_mask=slots[first:first + count].reshape(-1),
           chunk_mask=np.ones((count,), np.int32), chunk_texts=list(chunks.texts),
           chunk_spans=list(chunks.spans), num_context_tokens=len(examples.decoder_tokens(text)),
           tokens_per_chunk=self.model.tokens_per_chunk))
@@ -173,11 +174,12 @@ class E2LLM:
     self.last_timings = {"compress_s": time.perf_counter() - start}
     return contexts[0] if single else contexts
 
-  def _soft_tokens_of(self, chunk_ids: Sequence[Sequence[int]]) -> np.ndarray:
-    """[M, k, D] float32 soft tokens of M chunks (encoder ids with special tokens)."""
+  def _soft_tokens_of(self, chunk_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """[M, k, D] float32 soft tokens of M chunks (encoder ids with special tokens), and [M, k]
+    int32: 1 at those the decoder reads (`e2llm.soft_token_mask`)."""
     tokens = int(self.config.data.chunk_tokens)
     pad_id = int(getattr(self.encoder_tokenizer, "pad_token_id", None) or 0)
-    out = []
+    out, slots = [], []
     for first in range(0, len(chunk_ids), MAX_CHUNKS_PER_CALL):
       part = chunk_ids[first:first + MAX_CHUNKS_PER_CALL]
       rows = decoding.bucket(len(part), MIN_CHUNK_BUCKET, self.batch_multiple)
@@ -185,8 +187,13 @@ class E2LLM:
       soft = self._encode(self.frozen, self.trainable, self._batch(padded.ids),
                           self._batch(padded.token_mask))
       out.append(_host(soft)[:len(part)])
-    return np.concatenate(out) if out else np.zeros(
-        (0, self.model.tokens_per_chunk, self.model.decoder.hidden_size), np.float32)
+      visible = e2llm.soft_token_mask(self.model, np.ones((len(part), 1), np.int32),
+                                      np.asarray(padded.token_mask[:len(part), None]))
+      slots.append(visible.reshape(len(part), self.model.tokens_per_chunk))
+    if not out:
+      return (np.zeros((0, self.model.tokens_per_chunk, self.model.decoder.hidden_size), np.float32),
+              np.zeros((0, self.model.tokens_per_chunk), np.int32))
+    return np.concatenate(out), np.concatenate(slots)
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
     """[n, De]: the encoder's mean-pooled last hidden states (LoRA on), L2-normalised (for RAG)."""
@@ -245,7 +252,8 @@ class E2LLM:
       prefix_text, query_text = tasks.split_template(found, question)
       arrays = examples.decoder_arrays(prefix_text, query_text, "")
       rows.append(PromptRow(_real(arrays["prefix_ids"], arrays["prefix_mask"]),
-                            context.soft_tokens, _real(arrays["query_ids"], arrays["query_mask"])))
+                            context.visible_soft_tokens,
+                            _real(arrays["query_ids"], arrays["query_mask"])))
     texts_out = self._generate_text_rows(rows, max_new_tokens, temperature, top_p, top_k, seed,
                                          stop)
     self.last_timings["compress_s"] = compress_s
@@ -275,9 +283,10 @@ class E2LLM:
     size, num_chunks, _ = chunk_ids.shape
     flat = chunk_ids.reshape(size * num_chunks, -1)
     flat_mask = np.asarray(batch["chunk_token_mask"]).reshape(size * num_chunks, -1)
-    soft = self._soft_tokens_of([list(ids[m == 1]) for ids, m in zip(flat, flat_mask)])
+    soft, slots = self._soft_tokens_of([list(ids[m == 1]) for ids, m in zip(flat, flat_mask)])
     soft = soft.reshape(size, num_chunks * self.model.tokens_per_chunk, -1)
-    soft_mask = np.repeat(np.asarray(batch["chunk_mask"]), self.model.tokens_per_chunk, axis=1)
+    soft_mask = (np.repeat(np.asarray(batch["chunk_mask"]), self.model.tokens_per_chunk, axis=1)
+                 * slots.reshape(size, -1))
     rows = [PromptRow(_real(batch["prefix_ids"][b], batch["prefix_mask"][b]),
                       soft[b][soft_mask[b] == 1],
                       _real(batch["query_ids"][b], batch["query_mask"][b])) for b in range(size)]

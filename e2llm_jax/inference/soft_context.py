@@ -28,10 +28,15 @@ class SoftContext:
   chunk_spans: list[tuple[int, int]]  # character [start, end) of each chunk in the context
   num_context_tokens: int         # the context's length in decoder tokens
   tokens_per_chunk: int
+  # [num_chunks · tokens_per_chunk] int32, 1 at the soft tokens the decoder reads (pooling `tokens`
+  # hides special and padding slots); None: all of them.
+  slot_mask: np.ndarray | None = None
 
   def __post_init__(self):
     self.soft_tokens = np.asarray(self.soft_tokens, np.float32)
     self.chunk_mask = np.asarray(self.chunk_mask, np.int32)
+    self.slot_mask = np.ones((self.soft_tokens.shape[0],), np.int32) if self.slot_mask is None \
+        else np.asarray(self.slot_mask, np.int32)
     self.chunk_spans = [(int(a), int(b)) for a, b in self.chunk_spans]
     expected = len(self.chunk_texts) * self.tokens_per_chunk
     if self.soft_tokens.ndim != 2 or self.soft_tokens.shape[0] != expected:
@@ -47,7 +52,12 @@ class SoftContext:
 
   @property
   def num_soft_tokens(self) -> int:
-    return int(self.soft_tokens.shape[0])
+    return int(self.slot_mask.sum())
+
+  @property
+  def visible_soft_tokens(self) -> np.ndarray:
+    """[num_soft_tokens, D]: the soft tokens the decoder reads, in order."""
+    return self.soft_tokens[self.slot_mask == 1]
 
   @property
   def compression_ratio(self) -> float:
@@ -58,7 +68,8 @@ class SoftContext:
     """Write the folder `path` (created if needed); returns it."""
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"soft_tokens": self.soft_tokens, "chunk_mask": self.chunk_mask},
+    save_file({"soft_tokens": self.soft_tokens, "chunk_mask": self.chunk_mask,
+               "slot_mask": self.slot_mask},
               str(folder / ARRAYS_FILE))
     metadata = {"format_version": FORMAT_VERSION, "chunk_texts": self.chunk_texts,
                 "chunk_spans": [list(s) for s in self.chunk_spans],
@@ -84,4 +95,5 @@ class SoftContext:
                chunk_texts=list(metadata["chunk_texts"]),
                chunk_spans=[tuple(s) for s in metadata["chunk_spans"]],
                num_context_tokens=int(metadata["num_context_tokens"]),
-               tokens_per_chunk=int(metadata["tokens_per_chunk"]))
+               tokens_per_chunk=int(metadata["tokens_per_chunk"]),
+               slot_mask=arrays.get("slot_mask"))

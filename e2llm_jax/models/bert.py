@@ -100,7 +100,8 @@ class Encoder(nn.Module):
 
 
 class Pooling(nn.Module):
-  """Chunk outputs [B,T,D] → [B,k,D] by `cls`, masked `mean`, or `pma`.
+  """Chunk outputs [B,T,D] → [B,k,D] by `cls`, masked `mean`, `pma`, or `tokens` (k = T: every
+  position kept; `e2llm.soft_token_mask` hides the special and padding ones).
 
   `pma` is pooling by multi-head attention: k learned seeds attend over the chunk's real tokens,
   then residual + LayerNorm + FFN + residual + LayerNorm (Set Transformer's PMA block).
@@ -115,7 +116,7 @@ class Pooling(nn.Module):
   def __post_init__(self):
     if self.kind not in POOLINGS:
       raise ValueError(f"Unknown pooling {self.kind!r}; choose one of {POOLINGS}.")
-    if self.kind != "pma" and self.num_tokens != 1:
+    if self.kind in ("cls", "mean") and self.num_tokens != 1:
       raise ValueError(f"Pooling {self.kind!r} gives one token per chunk, but "
                        f"tokens_per_chunk={self.num_tokens}; use pooling 'pma' for several.")
     if self.kind == "pma" and self.hidden_size % self.num_heads:
@@ -127,6 +128,8 @@ class Pooling(nn.Module):
   def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
     if self.kind == "cls":
       return hidden[:, :1, :]
+    if self.kind == "tokens":
+      return hidden
     mask_f = mask.astype(hidden.dtype)[..., None]
     if self.kind == "mean":
       total = jnp.sum(hidden * mask_f, axis=1, keepdims=True)

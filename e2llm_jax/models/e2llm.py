@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from e2llm_jax.data.tasks import TASK_INSTRUCTION as TASK_IFT, TASK_RECONSTRUCTION as TASK_RECON
 from e2llm_jax.models import bert, llama, lora
@@ -86,8 +87,27 @@ def soft_tokens(cfg: E2LLMConfig, frozen: Any, trainable: Any, chunk_ids: jax.Ar
   return soft.reshape(batch, num_chunks * cfg.tokens_per_chunk, -1)
 
 
-def soft_token_mask(cfg: E2LLMConfig, chunk_mask: jax.Array) -> jax.Array:
-  return jnp.repeat(chunk_mask.astype(jnp.int32), cfg.tokens_per_chunk, axis=1)
+def text_token_mask(token_mask: jax.Array) -> jax.Array:
+  """[..., T] 1 at a chunk's text tokens: real, not the first ([CLS]) nor the last real ([SEP]).
+
+  numpy in, numpy out (the inference engine's host-side masks compile nothing)."""
+  xp = np if isinstance(token_mask, np.ndarray) else jnp
+  real = token_mask.astype(bool)
+  next_real = xp.concatenate([real[..., 1:], xp.zeros_like(real[..., :1])], axis=-1)
+  not_first = xp.arange(real.shape[-1]) > 0
+  return (real & next_real & not_first).astype(xp.int32)
+
+
+def soft_token_mask(cfg: E2LLMConfig, chunk_mask: jax.Array, chunk_token_mask: jax.Array
+                    ) -> jax.Array:
+  """[B, N·k] 1 at the soft tokens the decoder reads: every slot of a real chunk, or with pooling
+  `tokens` the slots of its text tokens (`chunk_token_mask` [B,N,T]). numpy in, numpy out."""
+  xp = np if isinstance(chunk_mask, np.ndarray) else jnp
+  chunk_mask = chunk_mask.astype(xp.int32)
+  if cfg.pooling == "tokens":
+    slots = chunk_mask[..., None] * text_token_mask(chunk_token_mask)
+    return slots.reshape(chunk_mask.shape[0], -1)
+  return xp.repeat(chunk_mask, cfg.tokens_per_chunk, axis=1)
 
 
 def _embed(cfg: E2LLMConfig, frozen, ids):
@@ -104,7 +124,7 @@ def splice(cfg: E2LLMConfig, frozen: Any, soft: jax.Array, batch: dict,
   pieces = [_embed(cfg, frozen, batch["prefix_ids"]), soft.astype(cfg.decoder.compute_dtype),
             _embed(cfg, frozen, batch["query_ids"])]
   if soft_mask is None:
-    soft_mask = soft_token_mask(cfg, batch["chunk_mask"])
+    soft_mask = soft_token_mask(cfg, batch["chunk_mask"], batch["chunk_token_mask"])
   masks = [batch["prefix_mask"], soft_mask, batch["query_mask"]]
   if with_target:
     pieces.append(_embed(cfg, frozen, batch["target_ids"]))

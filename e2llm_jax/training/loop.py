@@ -16,7 +16,7 @@ from e2llm_jax import checkpoint, config_utils, errors, sharding
 from e2llm_jax.data import passkey, pipeline
 from e2llm_jax.evaluation import held_out
 from e2llm_jax.models import e2llm
-from e2llm_jax.training import reporting, state as state_lib, step as step_lib
+from e2llm_jax.training import reporting, state as state_lib, step as step_lib, warm_start
 
 MODEL_ARRAYS = e2llm.BATCH_KEYS + ("chunks_dropped",)
 
@@ -197,6 +197,11 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
     step = init_trainable_from(str(config.train.init_from), setup)
     print(f"trainable params from step {step} of {config.train.init_from}", flush=True)
   data = make_data(config, setup.model, start_step=int(data_state.get("step", start)))
+  warm_texts = int(config.train.get("adapter_warm_start", 0))
+  if start == 0 and warm_texts and not config.train.get("init_from"):
+    fitted = warm_start.apply(setup, data, warm_texts)
+    print(f"adapter warm start: least squares on {fitted['tokens']} tokens of {warm_texts} chunk "
+          f"texts; nearest decoder token {fitted['nearest_token_accuracy']:.3f}", flush=True)
   total = int(config.train.steps)
   first_batch = _model_arrays(next(data))
   train_step = step_lib.make_train_step(config, setup, first_batch)

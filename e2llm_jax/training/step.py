@@ -102,7 +102,8 @@ def make_train_step(config, setup: TrainSetup, batch_example: dict):
                           else jnp.zeros((), jnp.int32),
         "decoder_tokens": jnp.sum(batch["prefix_mask"]) + jnp.sum(batch["query_mask"])
                           + jnp.sum(batch["target_mask"])
-                          + jnp.sum(batch["chunk_mask"]) * cfg.tokens_per_chunk,
+                          + jnp.sum(e2llm.soft_token_mask(cfg, batch["chunk_mask"],
+                                                          batch["chunk_token_mask"])),
         "encoder_tokens": jnp.sum(batch["chunk_token_mask"]),
     }
     return new_state, metrics
