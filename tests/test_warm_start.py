@@ -2,7 +2,6 @@
 least-squares warm start: masks, alignment, the exact linear adapter, and a run that uses all three.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
