@@ -172,8 +172,8 @@ def test_layout_and_settings(full_export, adapters_export, run, bases):
 
 def test_a_relative_workdir_exports(run, tmp_path, monkeypatch):
   # Orbax reads only absolute paths; `--workdir=workdirs/demo` is what users type.
-  monkeypatch.chdir(pathlib.Path(run["workdir"]).parent)
-  out = export_lib.export(pathlib.Path(pathlib.Path(run["workdir"]).name), tmp_path / "export",
+  monkeypatch.chdir(run["workdir"].parent)
+  out = export_lib.export(pathlib.Path(run["workdir"].name), tmp_path / "export",
                           adapters_only=True)
   assert (pathlib.Path(out) / bundle.ADAPTER_FILE).is_file()
 

@@ -220,8 +220,6 @@ def load_export(export_dir: str | pathlib.Path, encoder_path: str | pathlib.Path
   export_dir = pathlib.Path(export_dir).expanduser()
   settings = read_settings(export_dir)
   config, model = copy.deepcopy(settings["config"]), settings["model"]
-  # Chunk as the export's PyTorch model does, from the section it reads (absent: an older export).
-  config["data"]["encoder_split_digits"] = bool(settings["data"].get("encoder_split_digits", False))
   trainable = head_params(load_as_float32(export_dir / ADAPTER_FILE))
   overrides = {"encoder": encoder_path, "decoder": decoder_path}
   paths, loras = {}, {}

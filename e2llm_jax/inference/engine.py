@@ -283,10 +283,10 @@ class E2LLM:
     size, num_chunks, _ = chunk_ids.shape
     flat = chunk_ids.reshape(size * num_chunks, -1)
     flat_mask = np.asarray(batch["chunk_token_mask"]).reshape(size * num_chunks, -1)
-    soft, slots = self._soft_tokens_of([list(ids[m == 1]) for ids, m in zip(flat, flat_mask)])
+    soft, _ = self._soft_tokens_of([list(ids[m == 1]) for ids, m in zip(flat, flat_mask)])
     soft = soft.reshape(size, num_chunks * self.model.tokens_per_chunk, -1)
-    soft_mask = (np.repeat(np.asarray(batch["chunk_mask"]), self.model.tokens_per_chunk, axis=1)
-                 * slots.reshape(size, -1))
+    soft_mask = e2llm.soft_token_mask(self.model, np.asarray(batch["chunk_mask"]),
+                                      np.asarray(batch["chunk_token_mask"]))
     rows = [PromptRow(_real(batch["prefix_ids"][b], batch["prefix_mask"][b]),
                       soft[b][soft_mask[b] == 1],
                       _real(batch["query_ids"][b], batch["query_mask"][b])) for b in range(size)]

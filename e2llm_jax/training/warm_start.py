@@ -123,8 +123,7 @@ def warm_start_adapter(model: e2llm.E2LLMConfig, frozen: Any, data: Any, count: 
                             for part in np.array_split(states, max(len(states) // 1024, 1))])
   report = {"tokens": int(len(states)),
             "nearest_token_accuracy": float(np.mean(nearest == target_ids))}
-  hidden = model.adapter_hidden or model.decoder.hidden_size
-  return linear_adapter(weight, bias, hidden), report
+  return linear_adapter(weight, bias, model.adapter_module().hidden_size), report
 
 
 def apply(setup: Any, data: Any, count: int) -> dict:
