@@ -27,6 +27,10 @@ class CheckpointError(UserError):
   """A checkpoint that does not fit the current run, or none where one is needed."""
 
 
+class PromptTooLongError(UserError):
+  """A prompt (soft tokens included) plus its answer budget that exceeds the decoder's window."""
+
+
 class Interrupted(Exception):
   """SIGINT / SIGTERM stopped a command; `message` says what was saved and how to continue.
 

@@ -89,6 +89,15 @@ def test_config_files_only_change_base_keys(name, tmp_path):
   assert keys(get_config(name, config_arg(name, tmp_path))) == keys(config_utils.base_config())
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_stage_of_the_demo_recipe_validates(stage):
+  config = get_config("demo_long.py", f"stage={stage}")
+  config_utils.validate(config)
+  assert config.model.tokens_per_chunk == config.data.chunk_tokens  # pooling `tokens`
+  with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
+    get_config("demo_long.py", "stage=4")
+
+
 def test_tiny_is_random_init_and_paper_configs_need_paths(tmp_path):
   tiny = get_config("tiny.py")
   assert tiny.model.encoder.path is None and tiny.model.encoder.random_init.num_layers == 2

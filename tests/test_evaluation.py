@@ -18,7 +18,7 @@ import pytest
 import transformers
 
 from configs import tiny
-from e2llm_jax import assets
+from e2llm_jax import assets, errors
 from e2llm_jax.data import chunking, pipeline, ruler, seeds
 from e2llm_jax.data.builders import ruler_synthetic
 from e2llm_jax.evaluation import held_out, predictors, report, runner
@@ -163,6 +163,32 @@ def test_depth_and_report_files(results, tmp_path):
   lengths, grid = report.depth_grid(found["samples"], "none")
   assert lengths == [512, LENGTH]
   assert all(v in (None, 0.0) for row in grid for v in row) and any(v == 0.0 for row in grid for v in row)
+
+
+class WindowedEngine(ReadingEngine):
+  """Refuses soft-token prompts longer than its window, as the real engine does."""
+
+  def generate_batch(self, questions, contexts, max_new_tokens, template=None):
+    longest = max(len(self.chunk(c.text)) * self.tokens_per_chunk for c in contexts)
+    if longest + max_new_tokens > self.decoder_window:
+      raise errors.PromptTooLongError(f"a prompt of {longest} tokens exceeds the window")
+    return super().generate_batch(questions, contexts, max_new_tokens, template)
+
+
+def test_a_method_over_the_window_is_skipped_and_the_scored_rows_kept(tokenizer, tmp_path):
+  engine = WindowedEngine(tokenizer, window=320, tokens_per_chunk=16)
+  tasks = runner.parse_tasks("niah_single_1", tokenizer, SEED)
+  methods = predictors.make_predictors(engine, ["none"], engine.tokens_per_chunk)
+  found = runner.evaluate(tasks, [512, LENGTH], methods, num_samples=2, batch_size=2)
+  rows = {(r["length"], r["method"]): r for r in found["rows"]}
+  assert rows[512, "e2llm"]["score"] == 100.0 and rows[LENGTH, "none"]["score"] == 0.0
+  assert rows[LENGTH, "e2llm"]["score"] is None
+  assert "exceeds the window" in rows[LENGTH, "e2llm"]["skipped"]
+  assert {(s["length"], s["method"]) for s in found["samples"]} == {
+      (512, "e2llm"), (512, "none"), (LENGTH, "none")}
+  markdown = report.write(found, tmp_path)["report"].read_text()
+  assert f"- niah_single_1 at {LENGTH} for e2llm: a prompt of" in markdown
+  assert "| e2llm | 100.00 | – |" in markdown  # the mean skips the row without a score
 
 
 def test_jsonl_task_with_its_metric(tmp_path, tokenizer):

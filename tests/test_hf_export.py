@@ -17,14 +17,14 @@ import transformers
 from safetensors.numpy import load_file
 
 from configs import tiny
-from e2llm_jax import assets, checkpoint, hf
+from e2llm_jax import assets, checkpoint, errors, hf, sharding
 from e2llm_jax.data import chunking, tasks
 from e2llm_jax.hf import bundle, export as export_lib, modeling_e2llm
 from e2llm_jax.hf import gguf as hf_gguf
 from e2llm_jax.hf.peft_adapters import PEFT_WEIGHTS_FILE
 from e2llm_jax.inference import E2LLM, loading
 from e2llm_jax.models import bert, e2llm, llama, lora
-from e2llm_jax.training import loop
+from e2llm_jax.training import loop, state as state_lib
 from test_hf_import import saved_tensors, write_gguf
 
 TOLERANCE = 1e-4
@@ -189,6 +189,28 @@ def test_adapters_only_export_loads_back_exactly(jax_model, run, bases):
   assert config["model"]["decoder"]["path"] == str(bases["decoder"])
   # LoRA B really moved away from zero, so every comparison below sees the adapters.
   assert np.abs(trainable["decoder_lora"]["layers"]["self_attn"]["q_proj"]["b"][0]).max() > 1e-3
+
+
+def test_a_new_run_starts_from_an_adapters_only_export(bf16_adapters_export, full_export, run,
+                                                       tmp_path):
+  # The next stage of a curriculum from a shipped export: its trained tensors, fresh optimizer.
+  config = run["config"].copy_and_resolve_references()
+  config.train.init_from = str(bf16_adapters_export)
+  setup = state_lib.create_train_state(config, sharding.make_mesh((1, 1, 1), config.mesh.axes))
+  assert loop.init_trainable_from(config.train.init_from, setup) == 3
+  _, _, _, exported = bundle.load_export(bf16_adapters_export)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(setup.state["trainable"]), exported)
+  assert int(setup.state["step"]) == 0
+  loop.train(config, str(tmp_path / "next"))
+  assert (tmp_path / "next" / "checkpoints" / "3").is_dir()
+
+  with pytest.raises(errors.ConfigError, match="full export"):
+    loop.init_trainable_from(str(full_export), setup)
+  other = run["config"].copy_and_resolve_references()
+  other.model.adapter_hidden = 24
+  other_setup = state_lib.create_train_state(other, sharding.make_mesh((1, 1, 1), other.mesh.axes))
+  with pytest.raises(errors.ConfigError, match="do not fit this config"):
+    loop.init_trainable_from(str(bf16_adapters_export), other_setup)
 
 
 def test_full_export_loads_back_as_merged_towers(full_export, jax_model):

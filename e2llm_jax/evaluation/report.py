@@ -42,9 +42,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for method in methods:
       cells = []
       for length in lengths:
-        scores = [r["score"] for r in rows if r["method"] == method and r["length"] == length]
+        scores = [r["score"] for r in rows if r["method"] == method and r["length"] == length
+                  and r["score"] is not None]
         cells.append(_number(sum(scores) / len(scores), 2) if scores else "–")
       lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  skipped = [r for r in rows if r.get("skipped")]
+  if skipped:
+    lines += ["", "Not scored:", ""] + [f"- {r['task']} at {r['length']} for {r['method']}: "
+                                        f"{r['skipped']}" for r in skipped]
   return "\n".join(lines) + "\n"
 
 
@@ -57,7 +62,7 @@ def _pyplot():
 
 def plot_scores(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> pathlib.Path | None:
   """Score against context length, one panel per task, one line per method (tasks with lengths)."""
-  sized = [r for r in rows if r["length"] is not None]
+  sized = [r for r in rows if r["length"] is not None and r["score"] is not None]
   if not sized:
     return None
   plt = _pyplot()

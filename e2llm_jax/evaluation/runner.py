@@ -150,13 +150,23 @@ def run_one(task: Any, length: int | None, samples: Sequence[dict[str, Any]], pr
   return row, records
 
 
+def skipped_row(task: Any, length: int | None, method: str, num_samples: int, reason: Exception
+                ) -> dict[str, Any]:
+  """The row of a (task, length, method) that could not run: no score, and why."""
+  return {"task": task.name, "length": length, "method": method, "metric": task.metric,
+          "score": None, "num_samples": num_samples, "compression_ratio": None,
+          "seconds_per_sample": None, "skipped": str(reason)}
+
+
 def evaluate(tasks: Sequence[Any], lengths: Sequence[int], predictors: Sequence[Predictor], *,
              num_samples: int, batch_size: int, progress: bool = False) -> dict[str, Any]:
   """Every predictor on the same samples of every task at every length (once for unsized tasks).
 
   Returns `{"rows": [...], "samples": [...]}`: one row per (task, length, method) with score (0–100),
   num_samples, compression_ratio and seconds_per_sample (wall time of its batches, compilation of a new
-  shape included), and one record per sample (prediction, answers, score in 0–1, NIAH depth).
+  shape included), and one record per sample (prediction, answers, score in 0–1, NIAH depth). A
+  method whose prompts exceed the decoder's window at a length gets a row with score None and the
+  reason under `skipped`, and the evaluation goes on.
   """
   plan = [(task, length) for task in tasks for length in (lengths if task.sized else [None])]
   bar = None
@@ -171,7 +181,13 @@ def evaluate(tasks: Sequence[Any], lengths: Sequence[int], predictors: Sequence[
       for predictor in predictors:
         if bar is not None:
           bar.set_postfix_str(f"{task.name} {length or ''} {predictor.name}")
-        row, sample_records = run_one(task, length, samples, predictor, batch_size, bar)
+        try:
+          row, sample_records = run_one(task, length, samples, predictor, batch_size, bar)
+        except errors.PromptTooLongError as error:
+          # One method that cannot read this length must not cost the rows already scored.
+          row, sample_records = skipped_row(task, length, predictor.name, len(samples), error), []
+          (bar.write if bar is not None else print)(
+              f"skipped {task.name} at {length} for {predictor.name}: {error}")
         rows.append(row)
         records += sample_records
   finally:

@@ -86,7 +86,8 @@ def score_table(rows: Sequence[dict[str, Any]]) -> str:
     for length in dict.fromkeys(length for _, length in keys):
       cells = []
       for method in methods:
-        scores = [r["score"] for r in rows if r["method"] == method and r["length"] == length]
+        scores = [r["score"] for r in rows if r["method"] == method and r["length"] == length
+                  and r["score"] is not None]
         cells.append(_score_cell(sum(scores) / len(scores)) if scores else "–")
       lines.append(f"| mean | {length} | " + " | ".join(cells) + " | |")
   return "\n".join(lines) + "\n"

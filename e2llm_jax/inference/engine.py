@@ -322,7 +322,7 @@ class E2LLM:
       raise errors.UserError("a prompt has no tokens at all; give it a question or a context.")
     longest = max(row.length for row in rows)
     if longest + max_new_tokens > self.decoder_window:
-      raise errors.UserError(
+      raise errors.PromptTooLongError(
           f"a prompt of {longest} decoder tokens (soft tokens included) plus max_new_tokens="
           f"{max_new_tokens} exceeds the decoder's window of {self.decoder_window} positions; "
           "shorten the context or the question, or lower max_new_tokens.")

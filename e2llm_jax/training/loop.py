@@ -15,6 +15,7 @@ import numpy as np
 from e2llm_jax import checkpoint, config_utils, errors, sharding
 from e2llm_jax.data import passkey, pipeline
 from e2llm_jax.evaluation import held_out
+from e2llm_jax.hf import bundle
 from e2llm_jax.models import e2llm
 from e2llm_jax.training import reporting, state as state_lib, step as step_lib, warm_start
 
@@ -152,10 +153,13 @@ def restore_latest(ckpt: checkpoint.Checkpointer, setup: state_lib.TrainSetup) -
 def init_trainable_from(source: str, setup: state_lib.TrainSetup) -> int:
   """Replace `setup`'s trainable params by those of the newest checkpoint under `source`; its step.
 
-  The optimizer state stays fresh: this starts a new run (a curriculum's next stage) from another
-  run's parameters, which may have been trained at other shapes.
+  `source` is a run folder (or its checkpoints/) or an adapters-only export. The optimizer state
+  stays fresh: this starts a new run (a curriculum's next stage) from another run's parameters,
+  which may have been trained at other shapes.
   """
   directory = pathlib.Path(source).expanduser()
+  if (directory / bundle.E2LLM_CONFIG_FILE).is_file():
+    return _init_trainable_from_export(directory, setup)
   if (directory / "checkpoints").is_dir():
     directory = directory / "checkpoints"
   steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
@@ -178,6 +182,36 @@ def init_trainable_from(source: str, setup: state_lib.TrainSetup) -> int:
   if frozen is not None:
     setup.frozen = {**setup.frozen, **frozen}
   return steps[-1]
+
+
+def _init_trainable_from_export(export_dir: pathlib.Path, setup: state_lib.TrainSetup) -> int:
+  """init_trainable_from for an adapters-only export (its LoRA, pooling head and adapter)."""
+  settings = bundle.read_settings(export_dir)
+  if settings["kind"] != bundle.ADAPTERS_ONLY:
+    raise errors.ConfigError(
+        f"train.init_from={str(export_dir)!r} is a full export, whose LoRA is merged into its "
+        "towers; start from an adapters-only export (`python -m e2llm_jax.hf.export "
+        "--adapters-only`) or from the run folder it was exported from.")
+  exported = {"base_weights": {tower: {"path": record.get("path") or record.get("asset"),
+                                       "fingerprint": record["fingerprint"]}
+                               for tower, record in settings["bases"].items()}}
+  checkpoint.check_fingerprints(exported, _base_meta(setup))
+  bases = [setup.base_paths[tower] or None for tower in bundle.TOWERS]
+  _, _, _, trainable = bundle.load_export(export_dir, *bases)
+  current = setup.state["trainable"]
+  shapes = lambda tree: {jax.tree_util.keystr(path): np.shape(leaf)
+                         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  if shapes(trainable) != shapes(current):
+    differ = sorted(set(shapes(trainable).items()) ^ set(shapes(current).items()))
+    raise errors.ConfigError(
+        f"train.init_from={str(export_dir)!r}: its trained tensors do not fit this config "
+        f"(first differences, name and shape: {differ[:4]}); set model.pooling, "
+        "model.tokens_per_chunk, model.adapter_hidden and lora.* as the export records them "
+        f"in {bundle.E2LLM_CONFIG_FILE}.")
+  trainable = jax.tree.map(lambda leaf, like: np.asarray(leaf, like.dtype), trainable, current)
+  setup.state = {**setup.state, "trainable": jax.device_put(
+      trainable, setup.state_shardings["trainable"])}
+  return int(settings["step"])
 
 
 def train(config, workdir: str, stop_after: int | None = None) -> dict:
