@@ -67,7 +67,7 @@ def get_config(arg=None):
     c.data.ruler_samples = 200  # per task: more than 20 steps of 8 draw, each 5x as long to build
     c.train.batch_size = 8
     c.train.microbatches = 4  # attention over ~2.6k positions: a quarter of the batch at once
-    c.train.steps = 20
+    c.train.steps = 20  # artifacts/demo is its step 10, where the 2-hour training budget ended
     c.train.eval_examples = 0
     c.ckpt.every_steps = 5
   return c
