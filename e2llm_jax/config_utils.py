@@ -127,8 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.eval_every = 0  # 0 = only at the end
   c.train.eval_examples = 64
-  # A run folder (or its checkpoints/) whose newest step's trainable params start this run, with a
-  # fresh optimizer and step 0: the next stage of a curriculum. Ignored once this run has a checkpoint.
+  # A run folder (or its checkpoints/) whose newest step's trainable params start this run, or an
+  # adapters-only export's, with a fresh optimizer and step 0: the next stage of a curriculum.
+  # Ignored once this run has a checkpoint.
   c.train.init_from = config_dict.placeholder(str)
   # > 0 (pooling 'tokens'): before step 1 of a fresh run, fit the adapter by least squares on this
   # many training chunk texts, so each encoder token state maps to the decoder's embedding of the

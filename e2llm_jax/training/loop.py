@@ -166,7 +166,8 @@ def init_trainable_from(source: str, setup: state_lib.TrainSetup) -> int:
   if not steps:
     raise errors.CheckpointError(
         f"train.init_from={source!r} holds no checkpoint: point it at a run folder that saved one "
-        "(or at its checkpoints/ folder), or unset it to start from fresh parameters.")
+        "(or at its checkpoints/ folder) or at an adapters-only export, or unset it to start "
+        "from fresh parameters.")
   other = checkpoint.Checkpointer(directory, 1, len(steps) + 1, async_save=False)
   try:
     abstract = sharding.abstract_with_shardings(setup.state["trainable"],
