@@ -39,6 +39,7 @@ REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 
 POOLINGS = ("cls", "mean", "pma", "tokens")  # bert.Pooling implements them
+ONE_VECTOR_POOLINGS = ("cls", "mean")  # one soft token per chunk (tokens_per_chunk must be 1)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # jax.checkpoint_policies names for model.remat_policy: what the backward may keep from the forward.
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -278,7 +279,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f"train.adapter_warm_start={config.train.adapter_warm_start} fits token states "
                     f"to decoder embeddings, so it needs model.pooling='tokens' (not "
                     f"{config.model.pooling!r}); set it to 0 or change the pooling")
-  if config.model.pooling in ("cls", "mean") and config.model.tokens_per_chunk != 1:
+  if config.model.pooling in ONE_VECTOR_POOLINGS and config.model.tokens_per_chunk != 1:
     problems.append(f"model.tokens_per_chunk={config.model.tokens_per_chunk} needs "
                     "model.pooling='pma' (cls and mean give one vector per chunk)")
   if config.model.compute_dtype not in COMPUTE_DTYPES:

@@ -207,6 +207,25 @@ def read_settings(export_dir: pathlib.Path) -> dict:
   return settings
 
 
+def read_trained(export_dir: pathlib.Path, settings: dict, tower_cfgs: dict) -> tuple[dict, dict]:
+  """(trainable numpy tree, {tower: LoRA settings}) of an export, without reading its towers.
+
+  The pooling head and adapter, plus for an adapters-only export each tower's LoRA from `peft/`
+  in the layer layout of `tower_cfgs[tower]` (a full export has merged its LoRA into the towers).
+  """
+  trainable = head_params(load_as_float32(export_dir / ADAPTER_FILE))
+  loras = {}
+  weight_maps = {"encoder": encoder_weight_map, "decoder": decoder_weight_map}
+  for tower in TOWERS:
+    recorded = settings["model"][f"{tower}_lora"]
+    if settings["kind"] == ADAPTERS_ONLY and recorded is not None:
+      loras[tower], per_layer = read_peft_adapter(
+          export_dir / settings["peft"][tower], weight_maps[tower](tower_cfgs[tower]),
+          recorded["targets"])
+      trainable[f"{tower}_lora"] = stacking.in_layout(per_layer, tower_cfgs[tower])
+  return trainable, loras
+
+
 def load_export(export_dir: str | pathlib.Path, encoder_path: str | pathlib.Path | None = None,
                 decoder_path: str | pathlib.Path | None = None
                 ) -> tuple[dict, e2llm.E2LLMConfig, dict, dict]:
@@ -220,9 +239,8 @@ def load_export(export_dir: str | pathlib.Path, encoder_path: str | pathlib.Path
   export_dir = pathlib.Path(export_dir).expanduser()
   settings = read_settings(export_dir)
   config, model = copy.deepcopy(settings["config"]), settings["model"]
-  trainable = head_params(load_as_float32(export_dir / ADAPTER_FILE))
   overrides = {"encoder": encoder_path, "decoder": decoder_path}
-  paths, loras = {}, {}
+  paths = {}
   for tower in TOWERS:
     if settings["kind"] == FULL:
       paths[tower] = export_dir / settings["towers"][tower]
@@ -233,14 +251,8 @@ def load_export(export_dir: str | pathlib.Path, encoder_path: str | pathlib.Path
   run_time = {"dtype": config["model"]["compute_dtype"]}
   tower_cfgs = {"encoder": dataclasses.replace(encoder_cfg, **run_time),
                 "decoder": dataclasses.replace(decoder_cfg, **run_time)}
-  weight_maps = {"encoder": encoder_weight_map(encoder_cfg),
-                 "decoder": decoder_weight_map(decoder_cfg)}
+  trainable, loras = read_trained(export_dir, settings, tower_cfgs)
   for tower in TOWERS:
-    recorded = model[f"{tower}_lora"]
-    if settings["kind"] == ADAPTERS_ONLY and recorded is not None:
-      loras[tower], per_layer = read_peft_adapter(
-          export_dir / settings["peft"][tower], weight_maps[tower], recorded["targets"])
-      trainable[f"{tower}_lora"] = stacking.in_layout(per_layer, tower_cfgs[tower])
     config["model"][tower].update(path=str(paths[tower]), random_init=None)
     if settings["kind"] == FULL:
       config["lora"][f"{tower}_rank"] = 0  # merged into the tower

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from e2llm_jax.config_utils import POOLINGS
+from e2llm_jax.config_utils import ONE_VECTOR_POOLINGS, POOLINGS
 from e2llm_jax.models import attention, layers, stacking
 
 
@@ -116,7 +116,7 @@ class Pooling(nn.Module):
   def __post_init__(self):
     if self.kind not in POOLINGS:
       raise ValueError(f"Unknown pooling {self.kind!r}; choose one of {POOLINGS}.")
-    if self.kind in ("cls", "mean") and self.num_tokens != 1:
+    if self.kind in ONE_VECTOR_POOLINGS and self.num_tokens != 1:
       raise ValueError(f"Pooling {self.kind!r} gives one token per chunk, but "
                        f"tokens_per_chunk={self.num_tokens}; use pooling 'pma' for several.")
     if self.kind == "pma" and self.hidden_size % self.num_heads:

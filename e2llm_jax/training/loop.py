@@ -197,8 +197,8 @@ def _init_trainable_from_export(export_dir: pathlib.Path, setup: state_lib.Train
                                        "fingerprint": record["fingerprint"]}
                                for tower, record in settings["bases"].items()}}
   checkpoint.check_fingerprints(exported, _base_meta(setup))
-  bases = [setup.base_paths[tower] or None for tower in bundle.TOWERS]
-  _, _, _, trainable = bundle.load_export(export_dir, *bases)
+  trainable, _ = bundle.read_trained(export_dir, settings, {"encoder": setup.model.encoder,
+                                                           "decoder": setup.model.decoder})
   current = setup.state["trainable"]
   shapes = lambda tree: {jax.tree_util.keystr(path): np.shape(leaf)
                          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

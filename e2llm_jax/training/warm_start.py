@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e2llm_jax import errors
 from e2llm_jax.data import builders, chunking
 from e2llm_jax.models import bert, e2llm, llama
 
@@ -84,9 +85,10 @@ def linear_adapter(weight: np.ndarray, bias: np.ndarray, hidden_size: int) -> di
   gelu(x) - gelu(-x) = x, so fc1 = [I, -I] and fc2 = [weight; -weight] (the rest zero)."""
   width, out = weight.shape
   if hidden_size < 2 * width:
-    raise ValueError(f"train.adapter_warm_start writes a linear map through the adapter's GELU, "
-                     f"which needs model.adapter_hidden >= 2 x the encoder width ({2 * width}); "
-                     f"it is {hidden_size}. Raise it.")
+    raise errors.ConfigError(
+        f"train.adapter_warm_start writes a linear map through the adapter's GELU, "
+        f"which needs model.adapter_hidden >= 2 x the encoder width ({2 * width}); "
+        f"it is {hidden_size}. Raise it.")
   fc1 = np.zeros((width, hidden_size), np.float32)
   fc1[:, :width], fc1[:, width:2 * width] = np.eye(width), -np.eye(width)
   fc2 = np.zeros((hidden_size, out), np.float32)
@@ -100,8 +102,9 @@ def warm_start_adapter(model: e2llm.E2LLMConfig, frozen: Any, data: Any, count: 
   """Adapter params fitted on `count` chunk texts of `data` (a text `pipeline.Pipeline`), and
   {"tokens": fitted pairs, "nearest_token_accuracy": share of fitted vectors nearest their target}."""
   if not hasattr(data, "encoder"):
-    raise ValueError("train.adapter_warm_start fits text to the decoder's embeddings, so it needs "
-                     "pretrained towers with tokenizers and text tasks; set it to 0 for this run.")
+    raise errors.ConfigError(
+        "train.adapter_warm_start fits text to the decoder's embeddings, so it needs pretrained "
+        "towers with tokenizers and text tasks; set it to 0 for this run.")
   chunker = data.encoder.chunker
   decoder_tokenizer = data.encoder.decoder_tokenizer
   id_lists, target_lists = [], []
@@ -112,7 +115,9 @@ def warm_start_adapter(model: e2llm.E2LLMConfig, frozen: Any, data: Any, count: 
       id_lists.append(ids)
       target_lists.append(targets)
   if not id_lists:
-    raise ValueError("train.adapter_warm_start found no text in the training sources to fit on.")
+    raise errors.DataError(
+        "train.adapter_warm_start found no text in the training sources to fit on; name text "
+        "sources in data.tasks or data.recon_sources.")
   states = np.concatenate(list(token_states(model, frozen, chunker, id_lists)))
   target_ids = np.concatenate(target_lists)
   table = np.asarray(llama.embed(model.decoder, frozen["decoder"],
