@@ -11,6 +11,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import zlib
 
 import jax
 import numpy as np
@@ -75,10 +76,11 @@ class ReadingEngine:
 
   def embed_texts(self, texts):
     # Bag of lowercased words hashed into 256 bins: chunks sharing the question's words score high.
+    # crc32, not hash(): str hashes change with every process, and so would the ranking.
     vectors = np.zeros((len(texts), 256), np.float32)
     for row, text in enumerate(texts):
       for word in re.findall(r"[a-z]+", text.lower()):
-        vectors[row, hash(word) % 256] += 1
+        vectors[row, zlib.crc32(word.encode()) % 256] += 1
     return vectors
 
 
