@@ -27,13 +27,17 @@ def _max_diff(a, b):
   return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
+def _tiny_bert_model():
   torch.manual_seed(0)
   config = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    max_position_embeddings=64)
-  model = transformers.BertModel(config).eval()
+  return transformers.BertModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+  model = _tiny_bert_model()
   path = _save(model, tmp_path_factory.mktemp("bert"))
   cfg, params = hf.load_encoder(path)
   ids = np.random.RandomState(0).randint(1, 128, (3, 20))
@@ -223,3 +227,32 @@ def test_encoder_lora_zero_b_and_merge(tiny_bert):
   unmerged = bert.encode(cfg, params, ids, mask, lora=lora.scaled(trained, config.scale))
   merged = bert.encode(cfg, lora.merge(params, trained, config.scale), ids, mask)
   assert _max_diff(unmerged, merged) <= 1e-5
+
+
+
+def test_mlp_gradients_match_torch(tiny_bert, tiny_decoder):
+  """The activations' hand-written backward (layers.gelu_exact, layers.silu): both towers' MLP
+  kernel gradients against torch autograd on the same weights."""
+  cfg, params, ids, mask, _ = tiny_bert
+  weights = np.random.RandomState(3).normal(size=(*ids.shape, cfg.hidden_size)).astype(np.float32)
+  weights *= mask[..., None]
+  grads = jax.grad(lambda p: jnp.sum(bert.encode(cfg, p, ids, mask) * weights))(params)["layer"]
+  ref = _tiny_bert_model()  # the fixture's weights: same seed and config
+  ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.mul(
+      torch.tensor(weights)).sum().backward()
+  for i, layer in enumerate(ref.encoder.layer):
+    for ours, theirs in (("intermediate", layer.intermediate.dense), ("output", layer.output.dense)):
+      assert _max_diff(grads[ours]["kernel"][i], theirs.weight.grad.numpy().T) <= TOL, (ours, i)
+
+  name, model, dec_cfg, dec_params = tiny_decoder
+  dec_ids = np.random.RandomState(4).randint(0, 128, (2, 24))
+  dec_weights = np.random.RandomState(5).normal(size=(2, 24, dec_cfg.hidden_size)).astype(np.float32)
+  dec_grads = jax.grad(lambda p: jnp.sum(llama.decoder_forward(
+      dec_cfg, p, input_ids=jnp.asarray(dec_ids), return_hidden=True) * dec_weights))(dec_params)
+  model.zero_grad()
+  model(torch.tensor(dec_ids), output_hidden_states=True).hidden_states[-1].mul(
+      torch.tensor(dec_weights)).sum().backward()
+  for i, layer in enumerate(model.model.layers):
+    for ours, theirs in (("gate_proj", layer.mlp.gate_proj), ("up_proj", layer.mlp.up_proj)):
+      assert _max_diff(dec_grads["layers"]["mlp"][ours]["kernel"][i],
+                       theirs.weight.grad.numpy().T) <= TOL, (name, ours, i)

@@ -19,4 +19,4 @@ class Adapter(nn.Module):
     h = layers.Dense(self.hidden_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype,
                      name="fc1")(x)
     return layers.Dense(self.output_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype,
-                        name="fc2")(jax.nn.gelu(h, approximate=False))
+                        name="fc2")(layers.gelu_exact(h))

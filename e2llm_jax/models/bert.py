@@ -151,8 +151,7 @@ class Pooling(nn.Module):
     h = layers.LayerNorm(self.eps, name="attention_norm")(
         query + dense(width, ("heads", "embed"), "attention_output")(attn))
     ffn = dense(width, ("mlp", "embed"), "ffn_out")(
-        jax.nn.gelu(dense(self.ffn_size or 4 * width, ("embed", "mlp"), "ffn_in")(h),
-                    approximate=False))
+        layers.gelu_exact(dense(self.ffn_size or 4 * width, ("embed", "mlp"), "ffn_in")(h)))
     return layers.LayerNorm(self.eps, name="output_norm")(h + ffn)
 
 

@@ -15,14 +15,47 @@ from e2llm_jax.models import attention as attention_lib
 Dtype = Any
 LORA_COLLECTION = "lora"
 
+
+# The two activations below keep only their input for the backward and recompute the derivative
+# from it. Autodiff of the plain functions keeps several [tokens, mlp] intermediates per layer
+# instead, and moving them cost MiniLM's forward + backward 30% (SmolLM2's 6%) on CPU
+# (bench/RESULTS.md). Same values; gradients equal to float32 rounding (tests/test_models.py).
+@jax.custom_vjp
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """The exact (erf) GELU, HF's "gelu"; jax.nn.gelu defaults to the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_exact_grad(x, g):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * 0.7071067811865476))
+  pdf = jnp.exp(-0.5 * x32 * x32) * 0.3989422804014327  # 1 / sqrt(2 pi)
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(g.dtype),)
+
+
+gelu_exact.defvjp(lambda x: (gelu_exact(x), x), _gelu_exact_grad)
+
+
+@jax.custom_vjp
+def silu(x: jax.Array) -> jax.Array:
+  return jax.nn.silu(x)
+
+
+def _silu_grad(x, g):
+  sig = jax.nn.sigmoid(x.astype(jnp.float32))
+  return ((g.astype(jnp.float32) * sig * (1.0 + x.astype(jnp.float32) * (1.0 - sig)))
+          .astype(g.dtype),)
+
+
+silu.defvjp(lambda x: (silu(x), x), _silu_grad)
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    # HF "gelu" is the exact erf GELU; jax.nn.gelu defaults to the tanh approximation.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+    "silu": silu,
+    "swish": silu,
 }
 
 
