@@ -229,10 +229,9 @@ def test_encoder_lora_zero_b_and_merge(tiny_bert):
   assert _max_diff(unmerged, merged) <= 1e-5
 
 
-
-def test_mlp_gradients_match_torch(tiny_bert, tiny_decoder):
-  """The activations' hand-written backward (layers.gelu_exact, layers.silu): both towers' MLP
-  kernel gradients against torch autograd on the same weights."""
+def test_encoder_mlp_gradients_match_torch(tiny_bert):
+  """GELU's hand-written backward (layers.gelu_exact): MLP kernel gradients against torch autograd
+  on the same weights."""
   cfg, params, ids, mask, _ = tiny_bert
   weights = np.random.RandomState(3).normal(size=(*ids.shape, cfg.hidden_size)).astype(np.float32)
   weights *= mask[..., None]
@@ -244,15 +243,18 @@ def test_mlp_gradients_match_torch(tiny_bert, tiny_decoder):
     for ours, theirs in (("intermediate", layer.intermediate.dense), ("output", layer.output.dense)):
       assert _max_diff(grads[ours]["kernel"][i], theirs.weight.grad.numpy().T) <= TOL, (ours, i)
 
-  name, model, dec_cfg, dec_params = tiny_decoder
-  dec_ids = np.random.RandomState(4).randint(0, 128, (2, 24))
-  dec_weights = np.random.RandomState(5).normal(size=(2, 24, dec_cfg.hidden_size)).astype(np.float32)
-  dec_grads = jax.grad(lambda p: jnp.sum(llama.decoder_forward(
-      dec_cfg, p, input_ids=jnp.asarray(dec_ids), return_hidden=True) * dec_weights))(dec_params)
+
+def test_decoder_mlp_gradients_match_torch(tiny_decoder):
+  """SiLU's hand-written backward (layers.silu), the same way."""
+  name, model, cfg, params = tiny_decoder
+  ids = np.random.RandomState(4).randint(0, 128, (2, 24))
+  weights = np.random.RandomState(5).normal(size=(2, 24, cfg.hidden_size)).astype(np.float32)
+  grads = jax.grad(lambda p: jnp.sum(llama.decoder_forward(
+      cfg, p, input_ids=jnp.asarray(ids), return_hidden=True) * weights))(params)
   model.zero_grad()
-  model(torch.tensor(dec_ids), output_hidden_states=True).hidden_states[-1].mul(
-      torch.tensor(dec_weights)).sum().backward()
+  model(torch.tensor(ids), output_hidden_states=True).hidden_states[-1].mul(
+      torch.tensor(weights)).sum().backward()
   for i, layer in enumerate(model.model.layers):
     for ours, theirs in (("gate_proj", layer.mlp.gate_proj), ("up_proj", layer.mlp.up_proj)):
-      assert _max_diff(dec_grads["layers"]["mlp"][ours]["kernel"][i],
+      assert _max_diff(grads["layers"]["mlp"][ours]["kernel"][i],
                        theirs.weight.grad.numpy().T) <= TOL, (name, ours, i)

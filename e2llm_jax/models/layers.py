@@ -18,8 +18,9 @@ LORA_COLLECTION = "lora"
 
 # The two activations below keep only their input for the backward and recompute the derivative
 # from it. Autodiff of the plain functions keeps several [tokens, mlp] intermediates per layer
-# instead, and moving them cost MiniLM's forward + backward 30% (SmolLM2's 6%) on CPU
-# (bench/RESULTS.md). Same values; gradients equal to float32 rounding (tests/test_models.py).
+# instead, and moving them cost MiniLM's forward + backward 12% (SmolLM2's 6%) and 17% of the train
+# step's peak memory on CPU (bench/RESULTS.md). Same values; gradients as torch autograd's
+# (tests/test_models_parity.py). Forward-mode differentiation (jax.jvp) does not go through them.
 @jax.custom_vjp
 def gelu_exact(x: jax.Array) -> jax.Array:
   """The exact (erf) GELU, HF's "gelu"; jax.nn.gelu defaults to the tanh approximation."""
