@@ -24,6 +24,13 @@ def _number(value: Any, digits: int) -> str:
   return f"{value:.{digits}f}"
 
 
+def mean_score(rows: Sequence[dict[str, Any]], method: str, length: int | None) -> float | None:
+  """`method`'s mean score over the tasks scored at `length` (None when none was: see `skipped`)."""
+  scores = [r["score"] for r in rows
+            if r["method"] == method and r["length"] == length and r["score"] is not None]
+  return sum(scores) / len(scores) if scores else None
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   """One line per (task, length, method), then each method's mean score at each length."""
   lines = ["| task | length | method | metric | score | compression | s / sample | samples |",
@@ -40,11 +47,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
               "| method | " + " | ".join(str(n or "–") for n in lengths) + " |",
               "|---|" + "---:|" * len(lengths)]
     for method in methods:
-      cells = []
-      for length in lengths:
-        scores = [r["score"] for r in rows if r["method"] == method and r["length"] == length
-                  and r["score"] is not None]
-        cells.append(_number(sum(scores) / len(scores), 2) if scores else "–")
+      cells = [_number(mean_score(rows, method, length), 2) for length in lengths]
       lines.append(f"| {method} | " + " | ".join(cells) + " |")
   skipped = [r for r in rows if r.get("skipped")]
   if skipped:

@@ -84,11 +84,7 @@ def score_table(rows: Sequence[dict[str, Any]]) -> str:
   tasks = list(dict.fromkeys(task for task, _ in keys))
   if len(tasks) > 1:
     for length in dict.fromkeys(length for _, length in keys):
-      cells = []
-      for method in methods:
-        scores = [r["score"] for r in rows if r["method"] == method and r["length"] == length
-                  and r["score"] is not None]
-        cells.append(_score_cell(sum(scores) / len(scores)) if scores else "–")
+      cells = [_score_cell(report.mean_score(rows, method, length)) for method in methods]
       lines.append(f"| mean | {length} | " + " | ".join(cells) + " | |")
   return "\n".join(lines) + "\n"
 

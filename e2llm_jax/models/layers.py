@@ -16,39 +16,38 @@ Dtype = Any
 LORA_COLLECTION = "lora"
 
 
-# The two activations below keep only their input for the backward and recompute the derivative
-# from it. Autodiff of the plain functions keeps several [tokens, mlp] intermediates per layer
-# instead, and moving them cost MiniLM's forward + backward 12% (SmolLM2's 6%) and 17% of the train
-# step's peak memory on CPU (bench/RESULTS.md). Same values; gradients as torch autograd's
-# (tests/test_models_parity.py). Forward-mode differentiation (jax.jvp) does not go through them.
-@jax.custom_vjp
-def gelu_exact(x: jax.Array) -> jax.Array:
-  """The exact (erf) GELU, HF's "gelu"; jax.nn.gelu defaults to the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
+def _with_recomputed_derivative(fn: Callable[[jax.Array], jax.Array],
+                                derivative: Callable[[jax.Array], jax.Array]):
+  """`fn` whose backward keeps only its input and multiplies by `derivative(x)` (float32).
+
+  Autodiff of the plain activations keeps several [tokens, mlp] intermediates per layer instead,
+  and moving them cost MiniLM's forward + backward 12% (SmolLM2's 6%) and 17% of the train step's
+  peak memory on CPU (bench/RESULTS.md). Same values; gradients as torch autograd's
+  (tests/test_models_parity.py). Forward-mode differentiation (jax.jvp) does not go through it.
+  """
+  wrapped = jax.custom_vjp(fn)
+
+  def grad(x, g):
+    return ((g.astype(jnp.float32) * derivative(x.astype(jnp.float32))).astype(g.dtype),)
+
+  wrapped.defvjp(lambda x: (fn(x), x), grad)
+  return wrapped
 
 
-def _gelu_exact_grad(x, g):
-  x32 = x.astype(jnp.float32)
-  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * 0.7071067811865476))
-  pdf = jnp.exp(-0.5 * x32 * x32) * 0.3989422804014327  # 1 / sqrt(2 pi)
-  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(g.dtype),)
+def _gelu_derivative(x):
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+  return cdf + x * jnp.exp(-0.5 * x * x) * 0.3989422804014327  # Φ(x) + x φ(x); 1/√(2π)
 
 
-gelu_exact.defvjp(lambda x: (gelu_exact(x), x), _gelu_exact_grad)
+def _silu_derivative(x):
+  sig = jax.nn.sigmoid(x)
+  return sig * (1.0 + x * (1.0 - sig))
 
 
-@jax.custom_vjp
-def silu(x: jax.Array) -> jax.Array:
-  return jax.nn.silu(x)
-
-
-def _silu_grad(x, g):
-  sig = jax.nn.sigmoid(x.astype(jnp.float32))
-  return ((g.astype(jnp.float32) * sig * (1.0 + x.astype(jnp.float32) * (1.0 - sig)))
-          .astype(g.dtype),)
-
-
-silu.defvjp(lambda x: (silu(x), x), _silu_grad)
+# The exact (erf) GELU, HF's "gelu"; jax.nn.gelu defaults to the tanh approximation.
+gelu_exact = _with_recomputed_derivative(lambda x: jax.nn.gelu(x, approximate=False),
+                                         _gelu_derivative)
+silu = _with_recomputed_derivative(jax.nn.silu, _silu_derivative)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu_exact,

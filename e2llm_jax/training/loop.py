@@ -202,8 +202,9 @@ def _init_trainable_from_export(export_dir: pathlib.Path, setup: state_lib.Train
   current = setup.state["trainable"]
   shapes = lambda tree: {jax.tree_util.keystr(path): np.shape(leaf)
                          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-  if shapes(trainable) != shapes(current):
-    differ = sorted(set(shapes(trainable).items()) ^ set(shapes(current).items()))
+  found, expected = shapes(trainable), shapes(current)
+  if found != expected:
+    differ = sorted(set(found.items()) ^ set(expected.items()))
     raise errors.ConfigError(
         f"train.init_from={str(export_dir)!r}: its trained tensors do not fit this config "
         f"(first differences, name and shape: {differ[:4]}); set model.pooling, "
