@@ -68,14 +68,14 @@ def make_inputs(length: int) -> dict:
 
 def to_device(params: dict, dtype: str) -> dict:
   """Host weights onto the device one tensor at a time, each host copy dropped once it is placed
-  (a whole-tree map would hold both copies at once: the peak memory a user would see)."""
-  import jax.numpy as jnp
+  (a whole-tree map, or copies left in flight, would hold both at once: the peak a user sees)."""
+  import jax
   from flax import traverse_util
   flat = traverse_util.flatten_dict(params)
   params.clear()
   placed = {}
   for key in list(flat):
-    placed[key] = jnp.asarray(flat.pop(key), dtype)
+    placed[key] = jax.device_put(flat.pop(key).astype(dtype, copy=False)).block_until_ready()
   return traverse_util.unflatten_dict(placed)
 
 

@@ -16,7 +16,6 @@ from e2llm_jax.hf.safetensors_io import (CONFIG_FILE, existing_path, folder_or_g
                                          read_config, safetensors_tensor_reader)
 from e2llm_jax.hf.weight_names import (assemble, bert_renamer, causal_lm_renamer,
                                        decoder_weight_map, encoder_weight_map)
-from e2llm_jax.models import stacking
 from e2llm_jax.models.bert import EncoderConfig
 from e2llm_jax.models.llama import DecoderConfig
 
@@ -53,8 +52,8 @@ def load_encoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[Enco
   stacked as `cfg.scan_layers` says.
   """
   cfg, read = encoder_tensor_reader(path)
-  return cfg, stacking.in_layout(assemble(encoder_weight_map(cfg), read, jnp.dtype(dtype)), cfg,
-                                 consume=True)
+  return cfg, assemble(encoder_weight_map(cfg), read, jnp.dtype(dtype),
+                      cfg.num_layers if cfg.scan_layers else None)
 
 
 def load_decoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[DecoderConfig, dict]:
@@ -64,5 +63,5 @@ def load_decoder(path: str | pathlib.Path, dtype: Any = "float32") -> tuple[Deco
   layers stacked as `cfg.scan_layers` says.
   """
   cfg, read = decoder_tensor_reader(path)
-  return cfg, stacking.in_layout(assemble(decoder_weight_map(cfg), read, jnp.dtype(dtype)), cfg,
-                                 consume=True)
+  return cfg, assemble(decoder_weight_map(cfg), read, jnp.dtype(dtype),
+                      cfg.num_layers if cfg.scan_layers else None)

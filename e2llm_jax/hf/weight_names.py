@@ -162,17 +162,29 @@ def check_names_and_shapes(weight_map: dict[str, WeightSpec], found: dict[str, t
 
 
 def assemble(weight_map: dict[str, WeightSpec], read: Callable[[str], np.ndarray],
-              dtype: Any) -> dict:
-  """Our nested param dict, reading one tensor at a time so peak memory stays near one copy."""
+             dtype: Any, num_layers: int | None = None) -> dict:
+  """Our nested param dict, reading one tensor at a time so peak memory stays near one copy.
+
+  With `num_layers` (a scanned tower) each layer's tensor is copied straight into its slot of a
+  [num_layers, ...] array: stacking per-layer arrays afterwards held both layouts at once and
+  raised SmolLM2's loading peak by 400 MB (bench/RESULTS.md).
+  """
   params: dict = {}
   for hf_name, spec in weight_map.items():
     array = read(hf_name).astype(dtype, copy=False)
     if spec.transpose:
-      array = np.ascontiguousarray(array.T)
+      array = array.T
+    slot = stacking.stacked_slot(spec.path) if num_layers else None
+    path = spec.path if slot is None else slot[0]
     node = params
-    for key in spec.path[:-1]:
+    for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[spec.path[-1]] = array
+    if slot is None:
+      node[path[-1]] = np.ascontiguousarray(array)
+    else:
+      if path[-1] not in node:
+        node[path[-1]] = np.empty((num_layers,) + array.shape, array.dtype)
+      node[path[-1]][slot[1]] = array
   return params
 
 

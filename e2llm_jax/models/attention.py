@@ -108,8 +108,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, implementatio
   if kind == "pallas":
     return _pallas_attention(q, k, v, mask)
   dense = mask if dense_given else mask.dense()
-  return jax.nn.dot_product_attention(q, k, v, mask=dense,
-                                      implementation="cudnn" if kind == "cudnn" else "xla")
+  if kind == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="cudnn")
+  return dense_attention(q, k, v, dense)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Attention over whole [T,S] logits per head: the "xla" kernel, for short sequences.
+
+  Heads are moved in front before the dots, the scale goes on q rather than on the logits, and
+  the softmax is normalised after the value product ([T,H] divisions instead of [T,S]): on CPU
+  this ran MiniLM's attention block 1.3x faster than jax.nn.dot_product_attention, with the same
+  numbers (bench/RESULTS.md). Masked rows that see nothing average the values, as jax's does.
+  """
+  batch, length, heads, head_dim = q.shape
+  keys, kv_heads = k.shape[1], k.shape[2]
+  groups = heads // kv_heads
+  # [B,T,N,H] → [B,K,G·T,H]: the queries of one KV head are one matmul operand.
+  qs = (q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)).reshape(
+      batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  qs = qs.reshape(batch, kv_heads, groups * length, head_dim)
+  logits = jnp.einsum("bkqh,bksh->bkqs", qs, k.transpose(0, 2, 1, 3),
+                      preferred_element_type=jnp.float32)
+  logits = logits.reshape(batch, kv_heads, groups, length, keys)
+  per_head = mask.shape[1] != 1
+  mask = mask.reshape(batch, kv_heads if per_head else 1, groups if per_head else 1,
+                      *mask.shape[2:])
+  logits = jnp.where(mask, logits, _MASKED)
+  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  denom = jnp.sum(probs, axis=-1, keepdims=True).reshape(batch, kv_heads, groups * length, 1)
+  probs = probs.reshape(batch, kv_heads, groups * length, keys).astype(v.dtype)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs, v.transpose(0, 2, 1, 3),
+                   preferred_element_type=jnp.float32) / denom
+  out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
+  return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:

@@ -33,12 +33,20 @@ def per_layer(tree: Any) -> Any:
   return out
 
 
+def stacked_slot(path: tuple[str, ...]) -> tuple[tuple[str, ...], int] | None:
+  """Per-layer `("layers_3", "mlp", ...)` → (`("layers", "mlp", ...)`, 3); None off the layers."""
+  name, _, index = path[0].rpartition("_")
+  if name in _STACKS and index.isdigit():
+    return (name,) + tuple(path[1:]), int(index)
+  return None
+
+
 def lookup(tree: Any, path: tuple[str, ...]) -> Any:
   """The leaf at per-layer `path` (`("layers_3", "mlp", ...)`) in a tree of either layout; from a
   stacked tree only that layer's slice is taken."""
-  name, _, index = path[0].rpartition("_")
-  if path[0] not in tree and name in _STACKS and index.isdigit() and name in tree:
-    return lookup(tree[name], path[1:])[int(index)]
+  slot = stacked_slot(path)
+  if path[0] not in tree and slot is not None and slot[0][0] in tree:
+    return lookup(tree[slot[0][0]], path[1:])[slot[1]]
   node = tree
   for key in path:
     node = node[key]
