@@ -159,6 +159,51 @@ def _blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
   return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
+_FAR = 1 << 30  # beyond any slot or position: the bound of an empty set
+
+
+def _key_block_summary(key_valid, key_slots, key_positions) -> tuple:
+  """Per key block [nk,B]: all keys real, any key real, the valid keys' lowest and highest
+  position; and [nk] the block's first and last slot."""
+  summary = (jnp.all(key_valid, -1), jnp.any(key_valid, -1), key_slots[:, 0], key_slots[:, -1])
+  if key_positions is None:
+    return summary
+  return summary + (jnp.min(jnp.where(key_valid, key_positions, _FAR), -1),
+                    jnp.max(jnp.where(key_valid, key_positions, -_FAR), -1))
+
+
+def _query_block_summary(mask: AttentionMask, q_slots, q_positions) -> tuple:
+  """Per batch row [B]: the real queries' lowest and highest slot (and position with a window)."""
+  if not mask.causal:
+    return ()
+  real = q_slots >= 0
+  summary = (jnp.min(jnp.where(real, q_slots, _FAR), -1), jnp.max(q_slots, -1))
+  if mask.sliding_window is None:
+    return summary
+  return summary + (jnp.min(jnp.where(real, q_positions, _FAR), -1),
+                    jnp.max(jnp.where(real, q_positions, -_FAR), -1))
+
+
+def _block_kind(mask: AttentionMask, key_summary: tuple, query_summary: tuple) -> jax.Array:
+  """0: no query sees the block (skip it); 1: every real query sees all of it (no mask to make:
+  the selects were 7% of an 8k prefill); 2: partly seen (mask it). From the blocks' bounds
+  alone, so no [bq,bk] mask is built to decide; 2 may be given where 0 is true, never 1."""
+  all_real, any_real, key_lo, key_hi = key_summary[:4]
+  if not mask.causal:
+    return jnp.where(jnp.all(all_real), 1, jnp.where(jnp.any(any_real), 2, 0))
+  query_lo, query_hi = query_summary[:2]
+  every = all_real & (key_hi <= query_lo)  # [B]: all keys real and at or before every query
+  own_slot_inside = (key_lo <= query_hi) & (key_hi >= query_lo)
+  some = (key_lo <= query_hi) & any_real
+  if mask.sliding_window is not None:
+    key_pos_lo, key_pos_hi = key_summary[4:]
+    query_pos_lo, query_pos_hi = query_summary[2:]
+    every &= query_pos_hi - key_pos_lo < mask.sliding_window
+    some &= query_pos_lo - key_pos_hi < mask.sliding_window
+  some |= own_slot_inside
+  return jnp.where(jnp.all(every), 1, jnp.where(jnp.any(some), 2, 0))
+
+
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
                         block_q: int = 512, block_k: int = 512) -> jax.Array:
   """Flash-style attention in plain JAX: queries in blocks, an online softmax over key blocks.
@@ -194,19 +239,26 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attentio
     query_slots = _blocks(_pad_to(mask.query_slots, 1, block_q, -1), 1, block_q)
     if mask.query_positions is not None:
       query_positions = _blocks(_pad_to(mask.query_positions, 1, block_q), 1, block_q)
-  key_inputs = (ks, vs, key_valid, key_slots, key_positions, in_range)
+  key_inputs = (ks, vs, key_valid, key_slots, key_positions, in_range,
+                _key_block_summary(key_valid, key_slots, key_positions))
+
+  padded_keys = keys % block_k != 0
 
   def one_query_block(q_block, q_slots, q_positions):
-    def step(carry, key_block):
-      kb, vb, valid, slots, positions, real = key_block
-      visible = allowed(mask, slots, valid, positions, q_slots, q_positions)  # [B,bq|1,bk]
+    query_summary = _query_block_summary(mask, q_slots, q_positions)
 
-      def update(carry):
+    def step(carry, key_block):
+      kb, vb, valid, slots, positions, real, key_summary = key_block
+
+      def update(carry, masked):
         row_max, denom, acc = carry
         logits = jnp.einsum("bkqh,bksh->bkqs", q_block, kb, preferred_element_type=jnp.float32)
         logits = logits.reshape(batch, kv_heads, groups, -1, block_k)
-        logits = jnp.where(visible[:, None, None], logits, _MASKED)
-        logits = jnp.where(real[:, None, None, None], logits, -jnp.inf)
+        if masked:
+          visible = allowed(mask, slots, valid, positions, q_slots, q_positions)  # [B,bq|1,bk]
+          logits = jnp.where(visible[:, None, None], logits, _MASKED)
+          if padded_keys:
+            logits = jnp.where(real[:, None, None, None], logits, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
         probs = jnp.exp(logits - new_max[..., None])
         correction = jnp.exp(row_max - new_max)
@@ -216,7 +268,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attentio
         acc = acc * correction.reshape(batch, kv_heads, -1)[..., None] + pv
         return new_max, denom, acc
 
-      return jax.lax.cond(jnp.any(visible), update, lambda c: c, carry), None
+      branch = _block_kind(mask, key_summary, query_summary)
+      return jax.lax.switch(branch, (lambda c: c, lambda c: update(c, False),
+                                     lambda c: update(c, True)), carry), None
 
     rows = q_block.shape[2]
     init = (jnp.full((batch, kv_heads, groups, rows // groups), jnp.finfo(jnp.float32).min),
