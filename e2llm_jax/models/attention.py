@@ -162,46 +162,33 @@ def _blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
 _FAR = 1 << 30  # beyond any slot or position: the bound of an empty set
 
 
-def _key_block_summary(key_valid, key_slots, key_positions) -> tuple:
-  """Per key block [nk,B]: all keys real, any key real, the valid keys' lowest and highest
-  position; and [nk] the block's first and last slot."""
-  summary = (jnp.all(key_valid, -1), jnp.any(key_valid, -1), key_slots[:, 0], key_slots[:, -1])
-  if key_positions is None:
-    return summary
-  return summary + (jnp.min(jnp.where(key_valid, key_positions, _FAR), -1),
-                    jnp.max(jnp.where(key_valid, key_positions, -_FAR), -1))
+def _block_kinds(mask: AttentionMask, key_valid, key_slots, key_positions, query_slots,
+                 query_positions) -> jax.Array:
+  """[nq,nk] int32 per (query block, key block): 0 no query sees it (skipped); 1 every real query
+  sees all of it (no mask is made: the selects were 7% of an 8k prefill); 2 partly seen (masked).
 
-
-def _query_block_summary(mask: AttentionMask, q_slots, q_positions) -> tuple:
-  """Per batch row [B]: the real queries' lowest and highest slot (and position with a window)."""
+  Decided once for all pairs from the blocks' slot and position bounds, so the loop builds no
+  [bq,bk] mask and runs no per-pair bookkeeping to decide; 2 may stand where 0 is true, never 1.
+  Inputs are blocked: key_valid [nk,B,bk], key_slots [nk,bk], query_slots [nq,B,bq].
+  """
+  all_real = jnp.all(key_valid, -1)[None]  # [1,nk,B]
+  any_real = jnp.any(key_valid, -1)[None]
   if not mask.causal:
-    return ()
-  real = q_slots >= 0
-  summary = (jnp.min(jnp.where(real, q_slots, _FAR), -1), jnp.max(q_slots, -1))
-  if mask.sliding_window is None:
-    return summary
-  return summary + (jnp.min(jnp.where(real, q_positions, _FAR), -1),
-                    jnp.max(jnp.where(real, q_positions, -_FAR), -1))
-
-
-def _block_kind(mask: AttentionMask, key_summary: tuple, query_summary: tuple) -> jax.Array:
-  """0: no query sees the block (skip it); 1: every real query sees all of it (no mask to make:
-  the selects were 7% of an 8k prefill); 2: partly seen (mask it). From the blocks' bounds
-  alone, so no [bq,bk] mask is built to decide; 2 may be given where 0 is true, never 1."""
-  all_real, any_real, key_lo, key_hi = key_summary[:4]
-  if not mask.causal:
-    return jnp.where(jnp.all(all_real), 1, jnp.where(jnp.any(any_real), 2, 0))
-  query_lo, query_hi = query_summary[:2]
-  every = all_real & (key_hi <= query_lo)  # [B]: all keys real and at or before every query
-  own_slot_inside = (key_lo <= query_hi) & (key_hi >= query_lo)
-  some = (key_lo <= query_hi) & any_real
+    every, some = jnp.all(all_real, -1), jnp.any(any_real, -1)
+    return jnp.where(every, 1, jnp.where(some, 2, 0)).astype(jnp.int32)
+  bounds = lambda x, real: (jnp.min(jnp.where(real, x, _FAR), -1)[:, None],
+                            jnp.max(jnp.where(real, x, -_FAR), -1)[:, None])  # [n,1,B]
+  query_lo, query_hi = bounds(query_slots, query_slots >= 0)
+  key_lo, key_hi = key_slots[None, :, 0, None], key_slots[None, :, -1, None]  # [1,nk,1]
+  every = all_real & (key_hi <= query_lo)  # all keys real and at or before every query
+  some = any_real & (key_lo <= query_hi)
   if mask.sliding_window is not None:
-    key_pos_lo, key_pos_hi = key_summary[4:]
-    query_pos_lo, query_pos_hi = query_summary[2:]
+    key_pos_lo, key_pos_hi = (b.transpose(1, 0, 2) for b in bounds(key_positions, key_valid))
+    query_pos_lo, query_pos_hi = bounds(query_positions, query_slots >= 0)
     every &= query_pos_hi - key_pos_lo < mask.sliding_window
     some &= query_pos_lo - key_pos_hi < mask.sliding_window
-  some |= own_slot_inside
-  return jnp.where(jnp.all(every), 1, jnp.where(jnp.any(some), 2, 0))
+  some |= (key_lo <= query_hi) & (key_hi >= query_lo)  # a query's own slot is in the block
+  return jnp.where(jnp.all(every, -1), 1, jnp.where(jnp.any(some, -1), 2, 0)).astype(jnp.int32)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
@@ -228,37 +215,41 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attentio
   qs = qs.reshape(num_q, batch, kv_heads, groups * block_q, head_dim)
   ks = _blocks(_pad_to(k.transpose(0, 2, 1, 3), 2, block_k), 2, block_k)  # [nk,B,K,bk,H]
   vs = _blocks(_pad_to(v.transpose(0, 2, 1, 3), 2, block_k), 2, block_k)
-  in_range = _pad_to(jnp.ones((batch, keys), bool), 1, block_k, False)
+  padded_keys = keys % block_k != 0
   key_valid = _blocks(_pad_to(mask.key_valid.astype(bool), 1, block_k, False), 1, block_k)
-  key_slots = _blocks(jnp.arange(in_range.shape[1]), 0, block_k)
+  key_slots = _blocks(jnp.arange(key_valid.shape[0] * block_k), 0, block_k)  # [nk,bk]
   key_positions = (None if mask.key_positions is None else
                    _blocks(_pad_to(mask.key_positions, 1, block_k), 1, block_k))
-  in_range = _blocks(in_range, 1, block_k)
   query_slots = query_positions = None
   if mask.causal:
     query_slots = _blocks(_pad_to(mask.query_slots, 1, block_q, -1), 1, block_q)
     if mask.query_positions is not None:
       query_positions = _blocks(_pad_to(mask.query_positions, 1, block_q), 1, block_q)
-  key_inputs = (ks, vs, key_valid, key_slots, key_positions, in_range,
-                _key_block_summary(key_valid, key_slots, key_positions))
+  kinds = jnp.broadcast_to(_block_kinds(mask, key_valid, key_slots, key_positions, query_slots,
+                                        query_positions), (num_q, key_valid.shape[0]))
+  # What the masked branch reads, as one array ([nk,B,3,bk]: valid, slot, position), so a loop
+  # step slices three arrays, not six.
+  key_info = jnp.stack([key_valid.astype(jnp.int32),
+                        jnp.broadcast_to(key_slots[:, None], key_valid.shape),
+                        jnp.zeros_like(key_valid, jnp.int32) if key_positions is None
+                        else key_positions.astype(jnp.int32)], axis=2)
 
-  padded_keys = keys % block_k != 0
-
-  def one_query_block(q_block, q_slots, q_positions):
-    query_summary = _query_block_summary(mask, q_slots, q_positions)
-
+  def one_query_block(q_block, q_slots, q_positions, kinds_row):
     def step(carry, key_block):
-      kb, vb, valid, slots, positions, real, key_summary = key_block
+      kb, vb, info, kind = key_block
 
       def update(carry, masked):
         row_max, denom, acc = carry
         logits = jnp.einsum("bkqh,bksh->bkqs", q_block, kb, preferred_element_type=jnp.float32)
         logits = logits.reshape(batch, kv_heads, groups, -1, block_k)
         if masked:
-          visible = allowed(mask, slots, valid, positions, q_slots, q_positions)  # [B,bq|1,bk]
+          slots = info[0, 1]
+          positions = None if key_positions is None else info[:, 2]
+          visible = allowed(mask, slots, info[:, 0].astype(bool), positions, q_slots,
+                            q_positions)  # [B,bq|1,bk]
           logits = jnp.where(visible[:, None, None], logits, _MASKED)
           if padded_keys:
-            logits = jnp.where(real[:, None, None, None], logits, -jnp.inf)
+            logits = jnp.where((slots < keys)[None, None, None, None], logits, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
         probs = jnp.exp(logits - new_max[..., None])
         correction = jnp.exp(row_max - new_max)
@@ -268,22 +259,21 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attentio
         acc = acc * correction.reshape(batch, kv_heads, -1)[..., None] + pv
         return new_max, denom, acc
 
-      branch = _block_kind(mask, key_summary, query_summary)
-      return jax.lax.switch(branch, (lambda c: c, lambda c: update(c, False),
-                                     lambda c: update(c, True)), carry), None
+      return jax.lax.switch(kind, (lambda c: c, lambda c: update(c, False),
+                                   lambda c: update(c, True)), carry), None
 
     rows = q_block.shape[2]
     init = (jnp.full((batch, kv_heads, groups, rows // groups), jnp.finfo(jnp.float32).min),
             jnp.zeros((batch, kv_heads, groups, rows // groups), jnp.float32),
             jnp.zeros((batch, kv_heads, rows, head_dim), jnp.float32))
-    (_, denom, acc), _ = jax.lax.scan(step, init, key_inputs)
+    (_, denom, acc), _ = jax.lax.scan(step, init, (ks, vs, key_info, kinds_row))
     return acc / jnp.maximum(denom, jnp.finfo(jnp.float32).tiny).reshape(batch, kv_heads, rows, 1)
 
   one_query_block = jax.checkpoint(one_query_block, prevent_cse=False)
   empty = jnp.zeros((num_q, 1, 1), jnp.int32)  # stands in for absent slot/position vectors
   out = jax.lax.map(lambda xs: one_query_block(*xs),
                     (qs, empty if query_slots is None else query_slots,
-                     empty if query_positions is None else query_positions))
+                     empty if query_positions is None else query_positions, kinds))
   # [nq,B,K,G·bq,H] → [B,T,N,H]
   out = out.reshape(num_q, batch, kv_heads, groups, block_q, head_dim)
   out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, num_q * block_q, heads, head_dim)
