@@ -227,26 +227,17 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attentio
       query_positions = _blocks(_pad_to(mask.query_positions, 1, block_q), 1, block_q)
   kinds = jnp.broadcast_to(_block_kinds(mask, key_valid, key_slots, key_positions, query_slots,
                                         query_positions), (num_q, key_valid.shape[0]))
-  # What the masked branch reads, as one array ([nk,B,3,bk]: valid, slot, position), so a loop
-  # step slices three arrays, not six.
-  key_info = jnp.stack([key_valid.astype(jnp.int32),
-                        jnp.broadcast_to(key_slots[:, None], key_valid.shape),
-                        jnp.zeros_like(key_valid, jnp.int32) if key_positions is None
-                        else key_positions.astype(jnp.int32)], axis=2)
 
   def one_query_block(q_block, q_slots, q_positions, kinds_row):
     def step(carry, key_block):
-      kb, vb, info, kind = key_block
+      kb, vb, valid, slots, positions, kind = key_block
 
       def update(carry, masked):
         row_max, denom, acc = carry
         logits = jnp.einsum("bkqh,bksh->bkqs", q_block, kb, preferred_element_type=jnp.float32)
         logits = logits.reshape(batch, kv_heads, groups, -1, block_k)
         if masked:
-          slots = info[0, 1]
-          positions = None if key_positions is None else info[:, 2]
-          visible = allowed(mask, slots, info[:, 0].astype(bool), positions, q_slots,
-                            q_positions)  # [B,bq|1,bk]
+          visible = allowed(mask, slots, valid, positions, q_slots, q_positions)  # [B,bq|1,bk]
           logits = jnp.where(visible[:, None, None], logits, _MASKED)
           if padded_keys:
             logits = jnp.where((slots < keys)[None, None, None, None], logits, -jnp.inf)
@@ -266,7 +257,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attentio
     init = (jnp.full((batch, kv_heads, groups, rows // groups), jnp.finfo(jnp.float32).min),
             jnp.zeros((batch, kv_heads, groups, rows // groups), jnp.float32),
             jnp.zeros((batch, kv_heads, rows, head_dim), jnp.float32))
-    (_, denom, acc), _ = jax.lax.scan(step, init, (ks, vs, key_info, kinds_row))
+    (_, denom, acc), _ = jax.lax.scan(step, init, (ks, vs, key_valid, key_slots, key_positions, kinds_row))
     return acc / jnp.maximum(denom, jnp.finfo(jnp.float32).tiny).reshape(batch, kv_heads, rows, 1)
 
   one_query_block = jax.checkpoint(one_query_block, prevent_cse=False)
