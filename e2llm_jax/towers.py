@@ -98,6 +98,28 @@ def _place(numpy_tree, abstract, shardings):
   return traverse_util.unflatten_dict(placed)
 
 
+def stored_dtypes(cfg: e2llm.E2LLMConfig, abstract: dict) -> dict:
+  """`abstract` frozen towers with the dtype each weight is kept in: the tower's compute dtype for
+  what the model only ever reads cast to it (Dense kernels and biases, the decoder's token
+  table), float32 for the rest (norms, BERT's embeddings, which are summed before their cast).
+
+  Same numbers either way; stored as float32, a bfloat16 train step converted the whole decoder
+  again every step (17% of its op time, bench/RESULTS.md).
+  """
+  def dtype_of(tower, path, leaf):
+    module = abstract_flat[tower]
+    cast = (path[-1] == "kernel" or (path[-1] == "bias" and path[:-1] + ("kernel",) in module)
+            or (tower == "decoder" and path[-1] == "embedding" and path[-2] == "embed_tokens"))
+    compute = (cfg.encoder if tower == "encoder" else cfg.decoder).compute_dtype
+    keep = not cast or not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype if keep else compute)
+
+  abstract_flat = {tower: traverse_util.flatten_dict(abstract[tower]) for tower in abstract}
+  return {tower: traverse_util.unflatten_dict(
+      {path: dtype_of(tower, path, leaf) for path, leaf in abstract_flat[tower].items()})
+      for tower in abstract}
+
+
 def frozen_towers(cfg: e2llm.E2LLMConfig, numpy_weights: dict, mesh, rules, rng: jax.Array,
                   with_weights: bool = True, replicated_warn_share: float = 1.0
                   ) -> tuple[dict, Any]:
@@ -111,13 +133,15 @@ def frozen_towers(cfg: e2llm.E2LLMConfig, numpy_weights: dict, mesh, rules, rng:
   boxed = jax.eval_shape(_boxed_frozen_init(cfg), rng)
   shardings = sharding.shardings_for(boxed, mesh, rules)
   sharding.warn_replicated(boxed, mesh, rules, replicated_warn_share)
-  abstract = nn.meta.unbox(boxed)
+  abstract = stored_dtypes(cfg, nn.meta.unbox(boxed))
   frozen = {}
   for tower in TOWERS:
     if numpy_weights[tower] is not None:
       frozen[tower] = _place(numpy_weights[tower], abstract[tower], shardings[tower])
   if len(frozen) < len(TOWERS):
-    init = jax.jit(lambda r: nn.meta.unbox(_boxed_frozen_init(cfg)(r)), out_shardings=shardings)
+    init = jax.jit(lambda r: jax.tree.map(lambda x, a: x.astype(a.dtype),
+                                          nn.meta.unbox(_boxed_frozen_init(cfg)(r)), abstract),
+                   out_shardings=shardings)
     randoms = init(rng) if with_weights else abstract
     for tower in TOWERS:
       frozen.setdefault(tower, randoms[tower])

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from e2llm_jax import checkpoint, errors, sharding
+from e2llm_jax import checkpoint, errors, sharding, towers
+from e2llm_jax.models import e2llm
 from e2llm_jax.training import loop, state as state_lib, step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -189,3 +190,24 @@ def test_two_processes_log_the_losses_and_held_out_scores_of_one(tmp_path):
   assert multi_eval["examples"] == single_eval["examples"] == 16
   assert multi_eval["exact_match"] == single_eval["exact_match"]
   np.testing.assert_allclose(multi_eval["ift_loss"], single_eval["ift_loss"], rtol=1e-5)
+
+
+def test_bfloat16_run_stores_frozen_matmul_weights_in_bfloat16_with_the_same_losses(monkeypatch):
+  config = tiny_config(**{"model.compute_dtype": "bfloat16", "mesh.shape": (1, 1, 1)})
+  mesh = sharding.make_mesh((1, 1, 1), config.mesh.axes)
+  setup = state_lib.create_train_state(config, mesh)
+  dtypes = {jax.tree_util.keystr(path): leaf.dtype
+            for path, leaf in jax.tree_util.tree_leaves_with_path(setup.frozen)}
+  matmul = [k for k in dtypes if k.endswith("['kernel']") or "embed_tokens" in k]
+  assert matmul and all(dtypes[k] == jax.numpy.bfloat16 for k in matmul), dtypes
+  # Norms, and BERT's embeddings (summed before their cast), stay float32.
+  kept = [k for k in dtypes if "norm" in k or "position_embeddings" in k]
+  assert kept and all(dtypes[k] == jax.numpy.float32 for k in kept), dtypes
+
+  monkeypatch.setattr(towers, "stored_dtypes", lambda cfg, abstract: abstract)
+  float32_frozen = state_lib.create_train_state(config, mesh).frozen
+  assert all(leaf.dtype == jax.numpy.float32 for leaf in jax.tree.leaves(float32_frozen))
+  batch = batch_for(config, setup, 0)
+  sums = jax.jit(lambda frozen: e2llm.loss_sums(setup.model, frozen, setup.state["trainable"],
+                                                batch))
+  jax.tree.map(np.testing.assert_array_equal, sums(setup.frozen), sums(float32_frozen))
