@@ -103,16 +103,16 @@ def stored_dtypes(cfg: e2llm.E2LLMConfig, abstract: dict) -> dict:
   what the model only ever reads cast to it (Dense kernels and biases, the decoder's token
   table), float32 for the rest (norms, BERT's embeddings, which are summed before their cast).
 
-  Same numbers either way; stored as float32, a bfloat16 train step converted the whole decoder
-  again every step (17% of its op time, bench/RESULTS.md).
+  Same numbers either way; stored as float32, a bfloat16 train step converted every kernel again
+  every step (6% of its op time, bench/RESULTS.md) and held the weights twice as large.
   """
   def dtype_of(tower, path, leaf):
     module = abstract_flat[tower]
     cast = (path[-1] == "kernel" or (path[-1] == "bias" and path[:-1] + ("kernel",) in module)
             or (tower == "decoder" and path[-1] == "embedding" and path[-2] == "embed_tokens"))
     compute = (cfg.encoder if tower == "encoder" else cfg.decoder).compute_dtype
-    keep = not cast or not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype if keep else compute)
+    cast &= jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+    return jax.ShapeDtypeStruct(leaf.shape, compute if cast else leaf.dtype)
 
   abstract_flat = {tower: traverse_util.flatten_dict(abstract[tower]) for tower in abstract}
   return {tower: traverse_util.unflatten_dict(
