@@ -8,6 +8,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -106,18 +107,16 @@ def stored_dtypes(cfg: e2llm.E2LLMConfig, abstract: dict) -> dict:
   Same numbers either way; stored as float32, a bfloat16 train step converted every kernel again
   every step (6% of its op time, bench/RESULTS.md) and held the weights twice as large.
   """
-  def dtype_of(tower, path, leaf):
-    module = abstract_flat[tower]
-    cast = (path[-1] == "kernel" or (path[-1] == "bias" and path[:-1] + ("kernel",) in module)
-            or (tower == "decoder" and path[-1] == "embedding" and path[-2] == "embed_tokens"))
+  stored = {}
+  for tower, tree in abstract.items():
     compute = (cfg.encoder if tower == "encoder" else cfg.decoder).compute_dtype
-    cast &= jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
-    return jax.ShapeDtypeStruct(leaf.shape, compute if cast else leaf.dtype)
-
-  abstract_flat = {tower: traverse_util.flatten_dict(abstract[tower]) for tower in abstract}
-  return {tower: traverse_util.unflatten_dict(
-      {path: dtype_of(tower, path, leaf) for path, leaf in abstract_flat[tower].items()})
-      for tower in abstract}
+    flat = traverse_util.flatten_dict(tree)
+    read_cast = lambda path: (path[-1] == "kernel" or path[-2:] == ("embed_tokens", "embedding")
+                              or (path[-1] == "bias" and path[:-1] + ("kernel",) in flat))
+    stored[tower] = traverse_util.unflatten_dict({
+        path: jax.ShapeDtypeStruct(leaf.shape, compute) if read_cast(path)
+        and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for path, leaf in flat.items()})
+  return stored
 
 
 def frozen_towers(cfg: e2llm.E2LLMConfig, numpy_weights: dict, mesh, rules, rng: jax.Array,
