@@ -3,6 +3,7 @@
 Dense (XLA) for short sequences; blockwise online softmax that never builds [T,S]; cuDNN on GPU; Pallas on TPU.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -72,7 +73,7 @@ def resolve(implementation: str, length: int, keys: int, dtype, mask: AttentionM
                      f"{IMPLEMENTATIONS} (config key model.attention).")
   backend = backend or jax.default_backend()
   if implementation == "auto":
-    if backend == "gpu" and _cudnn_fits(length, keys, dtype):
+    if backend == "gpu" and _cudnn_fits(length, keys, dtype, mask):
       return "cudnn"
     if backend == "tpu" and _pallas_fits(mask):
       return "pallas"
@@ -82,11 +83,18 @@ def resolve(implementation: str, length: int, keys: int, dtype, mask: AttentionM
   return implementation
 
 
-def _cudnn_fits(length: int, keys: int, dtype) -> bool:
-  # cuDNN's fused kernel takes half-precision inputs; it reads our mask densely, so very long
-  # sequences go blockwise instead of holding a [T,S] mask.
+def _cudnn_fits(length: int, keys: int, dtype, mask: AttentionMask | None) -> bool:
+  # cuDNN's fused kernel takes half-precision inputs, and masks it can take as sequence lengths
+  # (`_by_lengths`), which cost nothing at any length. Others it would read as a dense [T,S] bias
+  # (with constraints of its own, e.g. even lengths under a gradient): those stay with our kernels.
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return half and length * keys <= 32768 * 32768
+  return half and _by_lengths(mask)
+
+
+def _by_lengths(mask: AttentionMask | None) -> bool:
+  """The mask is "padding only" (bidirectional) or "causal over the sequence itself" (a full
+  forward without a window): cuDNN then takes it as key lengths, if the padding is on the right."""
+  return mask is not None and mask.sliding_window is None and (not mask.causal or mask.aligned)
 
 
 def _pallas_fits(mask: AttentionMask | None) -> bool:
@@ -107,10 +115,32 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, implementatio
     return blockwise_attention(q, k, v, mask, block_q, block_k)
   if kind == "pallas":
     return _pallas_attention(q, k, v, mask)
+  if kind == "cudnn" and not dense_given and _by_lengths(mask):
+    return _cudnn_by_lengths(q, k, v, mask, block_q, block_k)
   dense = mask if dense_given else mask.dense()
-  if kind == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="cudnn")
+  if kind == "cudnn":  # asked for by name with another mask: cuDNN takes it as a full-size bias
+    return _cudnn(q, k, v, mask=jnp.broadcast_to(dense, (*dense.shape[:2], q.shape[1], k.shape[1])))
   return dense_attention(q, k, v, dense)
+
+
+# The fused GPU kernel; a test stands jax's reference implementation in for it on the CPU.
+_cudnn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+
+
+def _cudnn_by_lengths(q, k, v, mask: AttentionMask, block_q: int, block_k: int) -> jax.Array:
+  """cuDNN with the mask given as key lengths (and the causal flag): no [T,S] tensor at any length.
+
+  Exact when each row's real keys are a prefix (right padding), which is checked on the device;
+  otherwise our own kernel for the shape runs instead. Under causal masking a padded query row
+  differs from the other kernels (it does not see its own padded slot); nothing reads those rows.
+  """
+  lengths = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
+  prefix = jnp.arange(mask.key_valid.shape[-1])[None] < lengths[:, None]
+  right_padded = jnp.all(prefix == mask.key_valid.astype(bool))
+  by_lengths = lambda: _cudnn(q, k, v, is_causal=mask.causal, key_value_seq_lengths=lengths)
+  otherwise = lambda: attention(q, k, v, mask, "xla" if q.shape[1] * k.shape[1] <= DENSE_MAX_LOGITS
+                               else "blockwise", block_q, block_k)
+  return jax.lax.cond(right_padded, by_lengths, otherwise)
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
