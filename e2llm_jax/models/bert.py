@@ -161,6 +161,9 @@ class Pooling(nn.Module):
 # gradient: the backward of the group loop keeps every group's activations anyway and ran 1.8x
 # slower than one batch (MiniLM, 64 chunks x 128 tokens, bench/RESULTS.md).
 ENCODE_GROUP_TOKENS = 2048
+# A GPU needs far more rows per matmul to fill: GTE-large over 256 chunks in groups of 2048 tokens
+# took 2x PyTorch's one batch on an H200 (bench/RESULTS.md). There groups only bound memory.
+ACCELERATOR_ENCODE_GROUP_TOKENS = 65536
 
 
 def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
@@ -172,7 +175,8 @@ def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask
   apply = lambda ids, mask: Encoder(cfg).apply(variables, ids, mask, deterministic=deterministic,
                                                rngs=rngs)
   batch, length = input_ids.shape
-  group = max(ENCODE_GROUP_TOKENS // max(length, 1), 1)
+  tokens = ENCODE_GROUP_TOKENS if jax.default_backend() == "cpu" else ACCELERATOR_ENCODE_GROUP_TOKENS
+  group = max(tokens // max(length, 1), 1)
   if not grouped or not deterministic or batch <= group:
     return apply(input_ids, attention_mask)
   pad = -batch % group
