@@ -4,6 +4,7 @@ Also the per-backend choice and that the blockwise path never holds [T,S] logits
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -176,11 +177,36 @@ def test_auto_choice_per_backend_and_shape():
   assert attention.resolve("auto", 1, 8192, jnp.float32, mask, "cpu") == "xla"  # one decode query
   assert attention.resolve("auto", 8192, 8192, jnp.bfloat16, mask, "gpu") == "cudnn"
   assert attention.resolve("auto", 8192, 8192, jnp.float32, mask, "gpu") == "blockwise"
+  # cuDNN takes these masks as lengths, so no length is too long for it ...
+  assert attention.resolve("auto", 131072, 131072, jnp.bfloat16, aligned, "gpu") == "cudnn"
+  # ... but a sliding window, or a KV cache's queries, it would read as a dense bias: ours instead.
+  windowed = dataclasses.replace(aligned, sliding_window=64)
+  assert attention.resolve("auto", 131072, 131072, jnp.bfloat16, windowed, "gpu") == "blockwise"
+  cached = dataclasses.replace(aligned, aligned=False)
+  assert attention.resolve("auto", 1, 8192, jnp.bfloat16, cached, "gpu") == "xla"
   assert attention.resolve("auto", 8192, 8192, jnp.bfloat16, aligned, "tpu") == "pallas"
   assert attention.resolve("auto", 8192, 8192, jnp.bfloat16, mask, "tpu") == "blockwise"
   assert attention.resolve("blockwise", 8, 8, jnp.float32, None, "cpu") == "xla"  # dense mask given
   with pytest.raises(ValueError, match="model.attention"):
     attention.resolve("flash", 8, 8, jnp.float32, mask, "cpu")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_takes_right_padding_as_lengths_and_other_padding_as_a_mask(monkeypatch, causal):
+  # jax's reference implementation stands in for the cuDNN call on the CPU, marked (+1000) so the
+  # result shows which branch ran: cuDNN for right padding, our dense kernel for any other.
+  reference = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  monkeypatch.setattr(attention, "_cudnn", lambda *a, **kw: reference(*a, **kw) + 1000)
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, 4, 8)) for i in range(3))
+  right = jnp.asarray([[1] * 12, [1] * 9 + [0] * 3], bool)
+  left = jnp.asarray([[1] * 12, [0] * 3 + [1] * 9], bool)
+  for key_valid, marker in ((right, 1000), (left, 0)):
+    slots = jnp.broadcast_to(jnp.arange(12), (2, 12)) if causal else None
+    mask = attention.AttentionMask(key_valid=key_valid, query_slots=slots, aligned=causal)
+    got = attention.attention(q, k, v, mask, "cudnn")
+    want = attention.dense_attention(q, k, v, mask.dense()) + marker
+    rows = key_valid if causal else jnp.ones_like(key_valid)  # causal padded rows are never read
+    np.testing.assert_allclose(got[rows], want[rows], atol=TOL, rtol=TOL)
 
 
 def test_blockwise_never_holds_full_logits():
@@ -229,3 +255,16 @@ def test_encoder_in_groups_gives_the_same_hidden_states(monkeypatch):
   assert "scan" in str(jax.make_jaxpr(lambda i: bert.encode(cfg, params, i, mask))(ids))
   np.testing.assert_allclose(bert.encode(cfg, params, ids, mask, grouped=False), whole, atol=TOL,
                              rtol=TOL)
+
+
+def test_encoder_groups_are_large_off_the_cpu(monkeypatch):
+  # A GPU's matmuls need many rows: there the 64 chunks below run as one batch, on a CPU in groups.
+  cfg = bert.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                           intermediate_size=24, max_position_embeddings=128, scan_layers=False)
+  params = stacking.per_layer(bert.init_params(dataclasses.replace(cfg, scan_layers=True),
+                                               jax.random.key(12)))
+  ids = jnp.ones((64, 128), jnp.int32)
+  loops = lambda: "scan" in str(jax.make_jaxpr(lambda i: bert.encode(cfg, params, i, i))(ids))
+  assert loops()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not loops()
