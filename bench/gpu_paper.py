@@ -1,15 +1,19 @@
 """Benchmark for one GPU: the paper's shapes (GTE-large + Llama-2-7B, random weights, bf16, LoRA).
 
-Ends with `train_step_mfu=<required FLOPs / step time / the GPU's dense bf16 peak>`.
+Each `--part` runs in its own process (`bench/gpu.sh` runs them in turn) and writes <out>/<part>.json:
+- `check`: our attention through the GPU kernel ("auto": cuDNN) against our dense one, forward and
+  gradient, for each kind of mask.
+- `train`: the MFU of the jitted train step (FLOPs counted as in `bench/roofline.py`, remat
+  recomputation not counted), and the fraction of a plain bf16 matmul's measured rate.
+- `jax_long` / `torch_long`: E2LLM time to first token (chunks → encoder → mean pool → MLP → decoder)
+  and full-context Llama-2-7B prefill at each `--lengths`, ours and transformers' (SDPA), with the
+  memory each needs; OOM reported as such.
+- `summary`: one table of what <out> holds, ending with `train_step_mfu=<value>`.
+Random weights: speed does not depend on their values. `--trace` adds a Perfetto trace of the part;
+`--tiny` shrinks every shape so the code paths can be checked on a CPU.
 
-Measures (1) the MFU of the jitted train step (FLOPs counted as in `bench/roofline.py`, remat
-recomputation not counted), and (2) long context: E2LLM time to first token and full-context
-Llama-2-7B prefill at each `--lengths` (default 32k and 128k decoder tokens), reporting OOM as such.
-Random weights: speed does not depend on their values. `bench/gpu.sh` runs it; `--tiny` shrinks every
-shape so the code path can be checked on a CPU.
-
-Usage: `python bench/gpu_paper.py [--batch 4] [--chunks 256] [--lengths 32768,131072]
-[--peak-tflops 989] [--tiny]`.
+Usage: `python bench/gpu_paper.py --part check|train|jax_long|torch_long|summary --out DIR
+[--batch 4] [--chunks 256] [--lengths 32768,131072] [--attention auto] [--trace] [--tiny]`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _sides  # pylint: disable=wrong-import-position
@@ -43,6 +49,7 @@ def paper_config(args):
       **(TINY_DECODER if args.tiny else LLAMA2_7B))
   config.model.pooling, config.lora.dropout = "mean", 0.0
   config.train.batch_size, config.data.max_chunks = args.batch, args.chunks
+  config.model.attention = args.attention
   config.mesh.shape = (1, 1, 1)
   return config
 
@@ -62,23 +69,35 @@ def train_step_mfu(args, config) -> dict:
   seconds, compile_s = timing["seconds"], timing["compile_s"]
   flops = roofline.train_step_flops(setup.model.encoder, setup.model.decoder, s,
                                     config.lora.encoder_rank, config.lora.decoder_rank)
+  # The rate a plain bf16 matmul reaches here: the ceiling the step could approach in practice.
+  matmul = roofline.matmul_flops_per_s("bfloat16", repeats=10, size=256 if args.tiny else 8192)
   return {"step_s": seconds, "compile_s": compile_s, "tflop_per_step": flops / 1e12,
-          "mfu": flops / seconds / (args.peak_tflops * 1e12)}
+          "mfu": flops / seconds / (args.peak_tflops * 1e12),
+          "matmul_bf16_tflops": matmul / 1e12, "fraction_of_matmul_rate": flops / seconds / matmul}
 
 
-def long_context(args, config, length: int) -> dict:
-  """E2LLM first token (chunks → encoder → pool → adapter → decoder) and full-context prefill."""
+def jax_models(config) -> tuple:
+  """Model config and random bf16 weights (cast inside the jitted init: no float32 copy of 7B)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from e2llm_jax.models import bert, e2llm, llama
   from e2llm_jax import towers
   cfg, _ = towers.load_model(config)
   rng = jax.random.key(0)
-  to_bf16 = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))
-  frozen = {"encoder": to_bf16(bert.init_params(cfg.encoder, rng)),
-            "decoder": to_bf16(llama.init_params(cfg.decoder, rng))}
-  trainable = e2llm.init_trainable(cfg, frozen, rng)
+  in_bf16 = lambda init, tower: jax.jit(lambda r: jax.tree.map(
+      lambda x: x.astype(jnp.bfloat16), init(tower, r)))(rng)
+  frozen = {"encoder": in_bf16(bert.init_params, cfg.encoder),
+            "decoder": in_bf16(llama.init_params, cfg.decoder)}
+  return cfg, frozen, e2llm.init_trainable(cfg, frozen, rng)
+
+
+def long_context(args, config, models: tuple, length: int) -> dict:
+  """E2LLM first token (chunks → encoder → pool → adapter → decoder) and full-context prefill."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from e2llm_jax.models import e2llm, llama
+  cfg, frozen, trainable = models
   chunk_tokens = config.data.chunk_tokens
   num_chunks = length // chunk_tokens
   ids = np.random.default_rng(0).integers(5, 1000, (1, length)).astype(np.int32)
@@ -101,40 +120,200 @@ def long_context(args, config, length: int) -> dict:
           ("full", full_first, ids))
   for name, fn, inputs in runs:
     try:
-      args = (frozen, trainable, inputs)
-      compiled = jax.jit(fn).lower(*args).compile()
-      compiled(*args).block_until_ready()
-      result[f"{name}_s"], _ = _sides.timed(lambda: compiled(*args).block_until_ready(), 3)
+      operands = (frozen, trainable, inputs)
+      compiled = jax.jit(fn).lower(*operands).compile()
+      # Weights + the compiled function's own buffers: the device memory this first token needs
+      # (the process's peak also holds the weights' initialisation).
+      memory = compiled.memory_analysis()
+      result[f"{name}_needs_mb"] = round((memory.argument_size_in_bytes
+                                          + memory.temp_size_in_bytes) / 2**20)
+      compiled(*operands).block_until_ready()
+      result[f"{name}_s"], _ = _sides.timed(lambda: compiled(*operands).block_until_ready(),
+                                             args.repeats)
     except Exception as error:  # pylint: disable=broad-except
       oom = any(m in str(error) for m in _sides.OOM_MARKERS)
-      result[f"{name}_s"] = "OOM" if oom else f"error: {str(error)[:200]}"
+      result[f"{name}_s"] = "OOM" if oom else f"error: {str(error)[:300]}"
+    stats = jax.local_devices()[0].memory_stats() or {}
+    result[f"{name}_peak_mb_so_far"] = round(stats.get("peak_bytes_in_use", 0) / 2**20)
   return result
+
+
+def torch_long_context(args, length: int, models: dict) -> dict:
+  """The same two first tokens in transformers + PyTorch (bf16, SDPA), models built once."""
+  import time
+  import torch
+  encoder, adapter, decoder = models["encoder"], models["adapter"], models["decoder"]
+  cuda = models["device"] == "cuda"
+  sync = torch.cuda.synchronize if cuda else lambda: None
+  chunk_tokens = 128
+  num_chunks = length // chunk_tokens
+  ids = torch.randint(5, 1000, (1, length), device=models["device"])
+  chunk_ids = ids.reshape(num_chunks, chunk_tokens)
+  last = lambda **kw: decoder(**kw, logits_to_keep=1, use_cache=False).logits.argmax(-1)
+
+  def e2llm_first():
+    soft = adapter(encoder(input_ids=chunk_ids).last_hidden_state.mean(1))[None]
+    question = decoder.get_input_embeddings()(chunk_ids[:1, :64])
+    return last(inputs_embeds=torch.cat([soft, question], dim=1))
+
+  result = {"length": length, "chunks": num_chunks}
+  for name, fn in (("e2llm", e2llm_first), ("full", lambda: last(input_ids=ids))):
+    try:
+      with torch.inference_mode():
+        fn()
+        sync()
+        times = []
+        for _ in range(args.repeats):
+          start = time.perf_counter()
+          fn()
+          sync()
+          times.append(time.perf_counter() - start)
+      result[f"{name}_s"] = sorted(times)[len(times) // 2]
+    except torch.OutOfMemoryError:
+      result[f"{name}_s"] = "OOM"
+      torch.cuda.empty_cache()
+    if cuda:
+      result[f"{name}_peak_mb_so_far"] = round(torch.cuda.max_memory_allocated() / 2**20)
+  return result
+
+
+def torch_models(args) -> dict:
+  """GTE-large (BERT) encoder, MLP adapter and Llama-2-7B, random, bf16, on the GPU (if any)."""
+  import torch
+  import transformers
+  enc, dec = (TINY_ENCODER, TINY_DECODER) if args.tiny else (GTE_LARGE, LLAMA2_7B)
+  torch.set_default_dtype(torch.bfloat16)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  with torch.device(device):
+    encoder = transformers.BertModel(transformers.BertConfig(
+        vocab_size=enc["vocab_size"], hidden_size=enc["hidden_size"],
+        num_hidden_layers=enc["num_layers"], num_attention_heads=enc["num_heads"],
+        intermediate_size=enc["intermediate_size"],
+        max_position_embeddings=enc["max_position_embeddings"], attn_implementation="sdpa"),
+        add_pooling_layer=False).eval()
+    decoder = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=dec["vocab_size"], hidden_size=dec["hidden_size"],
+        num_hidden_layers=dec["num_layers"], num_attention_heads=dec["num_heads"],
+        num_key_value_heads=dec["num_heads"], intermediate_size=dec["intermediate_size"],
+        max_position_embeddings=dec["max_position_embeddings"], attn_implementation="sdpa")).eval()
+    adapter = torch.nn.Sequential(torch.nn.Linear(enc["hidden_size"], dec["hidden_size"]),
+                                  torch.nn.GELU(), torch.nn.Linear(dec["hidden_size"],
+                                                                   dec["hidden_size"]))
+  return {"encoder": encoder, "adapter": adapter, "decoder": decoder, "device": device}
+
+
+def check_kernels(args) -> list:
+  """Our attention through the GPU kernel ("auto") against the dense one ("xla"), bf16, forward and
+  gradient, for each mask kind the kernel takes: relative error ‖a − b‖ / ‖b‖ per case."""
+  import jax
+  import jax.numpy as jnp
+  from e2llm_jax.models import attention
+  length = 64 if args.tiny else 2048
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, length, 8, 64), jnp.bfloat16)
+             for i in range(3))
+  slots = jnp.broadcast_to(jnp.arange(length), (2, length))
+  right = jnp.arange(length)[None] < jnp.asarray([[length], [length * 3 // 4]])
+  cases = {"padding": attention.key_padding_mask(right),
+           "causal, right padding": attention.AttentionMask(right, slots, aligned=True),
+           "causal, left padding": attention.AttentionMask(right[:, ::-1], slots, aligned=True)}
+  results = []
+  for name, mask in cases.items():
+    rows = mask.key_valid[:, :, None, None] if mask.causal else 1.0  # padded causal rows: unread
+    loss = lambda q, kind: jnp.sum((attention.attention(q, k, v, mask, kind) * rows)
+                                   .astype(jnp.float32) ** 2)
+    error = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32))
+                               / jnp.linalg.norm(b.astype(jnp.float32)))
+    got, want = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(q, kind)
+                 for kind in ("auto", "xla"))
+    kernel = attention.resolve("auto", length, length, q.dtype, mask)
+    results.append({"case": name, "kernel": kernel, "loss_rel_error": error(got[0], want[0]),
+                    "grad_rel_error": error(got[1], want[1])})
+  return results
+
+
+def summarize(out: pathlib.Path) -> None:
+  """One table of the parts' results in `out`, ours over PyTorch's, and the train step's MFU."""
+  read = lambda part: (json.loads((out / f"{part}.json").read_text())
+                       if (out / f"{part}.json").exists() else None)
+  train, ours, theirs = read("train"), read("jax_long") or [], read("torch_long") or []
+  for case in read("check") or []:
+    print(f"{case['kernel']} vs xla, {case['case']}: loss {case['loss_rel_error']:.1e}, "
+          f"gradient {case['grad_rel_error']:.1e} (relative)")
+  if train:
+    print(f"train step {train['step_s']:.3f} s, {train['tflop_per_step']:.1f} TFLOP, compile "
+          f"{train['compile_s']:.0f} s, MFU {train['mfu']:.3f}, bf16 matmul "
+          f"{train['matmul_bf16_tflops']:.0f} TFLOP/s ({train['fraction_of_matmul_rate']:.3f} of it)")
+  show = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
+  speed = lambda a, b: f"{b / a:.2f}x" if all(isinstance(x, float) for x in (a, b)) else "n/a"
+  print("length | e2llm ours s | torch s | ours/torch speed | full ours s | torch s | "
+        "ours/torch speed | best full / ours e2llm | e2llm MB ours needs / torch peak | "
+        "full MB ours needs / torch peak")
+  by_length = {r["length"]: r for r in theirs}
+  for mine in ours:
+    other = by_length.get(mine["length"], {})
+    e, te = mine.get("e2llm_s"), other.get("e2llm_s")
+    f, tf = mine.get("full_s"), other.get("full_s")
+    fulls = [x for x in (f, tf) if isinstance(x, float)]
+    print(f"{mine['length']} | {show(e)} | {show(te)} | {speed(e, te)} | {show(f)} | {show(tf)} | "
+          f"{speed(f, tf)} | {speed(e, min(fulls)) if fulls else 'n/a'} | "
+          f"{mine.get('e2llm_needs_mb')} / {other.get('e2llm_peak_mb_so_far')} | "
+          f"{mine.get('full_needs_mb')} / {other.get('full_peak_mb_so_far')}")
+  if train:
+    print(f"train_step_mfu={train['mfu']:.3f}")
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--part", choices=("check", "train", "jax_long", "torch_long", "summary"),
+                      required=True)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--chunks", type=int, default=256)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--lengths", default="32768,131072")
+  parser.add_argument("--repeats", type=int, default=2, help="timed runs per first token")
+  parser.add_argument("--attention", default="auto", help="config key model.attention")
   parser.add_argument("--peak-tflops", type=float, default=989.0,
                       help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
+  parser.add_argument("--trace", action="store_true",
+                      help="trace the part with jax.profiler: <out>/<part>_trace.json.gz (Perfetto)")
   parser.add_argument("--tiny", action="store_true")
-  parser.add_argument("--out", default=None, help="folder for results.json")
+  parser.add_argument("--out", default=None, help="folder for <part>.json")
   args = parser.parse_args()
-  import jax
-  print(f"# {jax.devices()}; {_sides.machine()}", flush=True)
-  config = paper_config(args)
-  results = {"train": train_step_mfu(args, config)}
-  print(json.dumps(results["train"]), flush=True)
-  results["long_context"] = []
-  for length in (int(x) for x in args.lengths.split(",")):
-    results["long_context"].append(long_context(args, config, length))
-    print(json.dumps(results["long_context"][-1]), flush=True)
+  if args.part == "summary":
+    return summarize(pathlib.Path(args.out))
+  lengths = [int(x) for x in args.lengths.split(",")]
+  print(f"# {args.part}; {_sides.machine()}", flush=True)
+  if args.part == "torch_long":
+    models = torch_models(args)
+    results = [torch_long_context(args, length, models) for length in lengths]
+  else:
+    import jax
+    print(f"# {jax.__version__} {jax.devices()}", flush=True)
+    config = paper_config(args)
+    if args.trace:
+      trace_dir = tempfile.mkdtemp(prefix="gpu_trace_")
+      options = jax.profiler.ProfileOptions()
+      options.python_tracer_level = 0  # device kernels and XLA ops, not every Python call
+      jax.profiler.start_trace(trace_dir, create_perfetto_trace=True, profiler_options=options)
+    if args.part == "check":
+      results = check_kernels(args)
+    elif args.part == "train":
+      results = train_step_mfu(args, config)
+    else:
+      models = jax_models(config)
+      results = [long_context(args, config, models, length) for length in lengths]
+    if args.trace:
+      jax.profiler.stop_trace()
+      (trace,) = pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")
+      pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+      shutil.copy(trace, pathlib.Path(args.out) / f"{args.part}_trace.json.gz")
+  for line in results if isinstance(results, list) else [results]:
+    print(json.dumps(line), flush=True)
   if args.out:
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
-  print(f"train_step_mfu={results['train']['mfu']:.3f}")
+    (pathlib.Path(args.out) / f"{args.part}.json").write_text(json.dumps(results, indent=1))
+  if args.part == "train":
+    print(f"train_step_mfu={results['mfu']:.3f}")
 
 
 if __name__ == "__main__":

@@ -30,14 +30,13 @@ import train_throughput  # pylint: disable=wrong-import-position
 MATMUL_SIZE = 2048
 
 
-def matmul_flops_per_s(dtype: str, repeats: int = 5) -> float:
+def matmul_flops_per_s(dtype: str, repeats: int = 5, size: int = MATMUL_SIZE) -> float:
   import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (MATMUL_SIZE, MATMUL_SIZE), dtype)
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   seconds, _ = _sides.timed(lambda: f(a, a).block_until_ready(), repeats)
-  return 2 * MATMUL_SIZE ** 3 / seconds
+  return 2 * size ** 3 / seconds
 
 
 def train_step_flops(enc, dec, s: dict, encoder_rank: int, decoder_rank: int) -> float:
