@@ -13,8 +13,8 @@ No side fills a KV cache (same work on both). Each side compiles or warms up onc
 `--repeats` timed calls is reported; `--rounds` repeats every side in alternating order.
 `--torch-compile` adds torch.compile variants of the PyTorch sides.
 
-Usage: `python bench/long_context.py --lengths 4096,8192,16384,32768 [--full-max 8192]
-[--dtype float32|bfloat16] [--repeats 3] [--rounds 1] [--torch-compile]`.
+Usage: `python bench/long_context.py --lengths 4096,8192,16384,32768 [--full-min 0]
+[--full-max 8192] [--dtype float32|bfloat16] [--repeats 3] [--rounds 1] [--torch-compile]`.
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ def main() -> None:
   parser.add_argument("--lengths", default="4096,8192,16384,32768")
   parser.add_argument("--full-max", type=int, default=1 << 30,
                       help="longest context the full-context sides run at")
+  parser.add_argument("--full-min", type=int, default=0,
+                      help="shortest context the full-context sides run at")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--rounds", type=int, default=1)
@@ -204,7 +206,7 @@ def main() -> None:
   results = {}
   for length in (int(x) for x in args.lengths.split(",")):
     sides = [s for s in ("jax_e2llm", "jax_full") + torch_sides
-             if "full" not in s or length <= args.full_max]
+             if "full" not in s or args.full_min <= length <= args.full_max]
     per_side = {s: [] for s in sides}
     for round_index in range(args.rounds):
       for side in (sides if round_index % 2 == 0 else sides[::-1]):
