@@ -34,19 +34,22 @@ fi
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-  "$PY" -c "import importlib.metadata as m, sys; print(sys.version.split()[0], *(f'{p}=={m.version(p)}'
-    for p in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'torch',
-              'transformers')))"
+  "$PY" -c "import importlib.metadata as m, sys
+def version(p):
+  try: return f'{p}=={m.version(p)}'
+  except m.PackageNotFoundError: return f'{p} missing'
+print(sys.version.split()[0], *map(version, ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint',
+                                            'ml-collections', 'torch', 'transformers')))"
   "$PY" -c "import jax; print(jax.devices())"
 } 2>&1 | tee "$OUT/environment.txt"
 
 part() {  # part NAME SECONDS: one part of bench/gpu_paper.py, bounded; its log goes to parts.log
-  timeout "$2" "$PY" bench/gpu_paper.py --part "$1" --out "$OUT" ${GPU_BENCH_ARGS:-} \
+  timeout -k 15 "$2" "$PY" bench/gpu_paper.py --part "$1" --out "$OUT" ${GPU_BENCH_ARGS:-} \
     > "/tmp/gpu_$1.log" 2>&1
   local status=$?
   { echo "=== $1: exit $status"; cat "/tmp/gpu_$1.log"; } >> "$OUT/parts.log"
   echo "$1: exit $status ($(tail -c 300 "/tmp/gpu_$1.log" | tail -n 1))"
 }
 declare -A limit=([check]=60 [train]=180 [jax_long]=180 [torch_long]=120)  # seconds
-for name in ${GPU_PARTS:-check train jax_long torch_long}; do part "$name" "${limit[$name]}"; done
+for name in ${GPU_PARTS:-check train jax_long torch_long}; do part "$name" "${limit[$name]:-180}"; done
 "$PY" bench/gpu_paper.py --part summary --out "$OUT"

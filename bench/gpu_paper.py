@@ -158,22 +158,19 @@ def torch_long_context(args, length: int, models: dict) -> dict:
 
   result = {"length": length, "chunks": num_chunks}
   for name, fn in (("e2llm", e2llm_first), ("full", lambda: last(input_ids=ids))):
+    if cuda:
+      torch.cuda.reset_peak_memory_stats()  # so the peak is this run's, as ours is
     try:
       with torch.inference_mode():
         fn()
         sync()
-        times = []
-        for _ in range(args.repeats):
-          start = time.perf_counter()
-          fn()
-          sync()
-          times.append(time.perf_counter() - start)
-      result[f"{name}_s"] = sorted(times)[len(times) // 2]
-    except torch.OutOfMemoryError:
-      result[f"{name}_s"] = "OOM"
-      torch.cuda.empty_cache()
+        result[f"{name}_s"], _ = _sides.timed(lambda: (fn(), sync()), args.repeats)
+    except Exception as error:  # pylint: disable=broad-except
+      oom = isinstance(error, torch.OutOfMemoryError)
+      result[f"{name}_s"] = "OOM" if oom else f"error: {str(error)[:300]}"
+      torch.cuda.empty_cache() if cuda else None
     if cuda:
-      result[f"{name}_peak_mb_so_far"] = round(torch.cuda.max_memory_allocated() / 2**20)
+      result[f"{name}_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
   return result
 
 
@@ -226,6 +223,9 @@ def check_kernels(args) -> list:
     got, want = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(q, kind)
                  for kind in ("auto", "xla"))
     kernel = attention.resolve("auto", length, length, q.dtype, mask)
+    prefix = jnp.arange(length)[None] < jnp.sum(mask.key_valid, -1, keepdims=True)
+    if kernel == "cudnn" and not bool(jnp.all(prefix == mask.key_valid)):
+      kernel = "ours (the cond's other branch: padding is not a prefix)"
     results.append({"case": name, "kernel": kernel, "loss_rel_error": error(got[0], want[0]),
                     "grad_rel_error": error(got[1], want[1])})
   return results
@@ -256,8 +256,8 @@ def summarize(out: pathlib.Path) -> None:
     fulls = [x for x in (f, tf) if isinstance(x, float)]
     print(f"{mine['length']} | {show(e)} | {show(te)} | {speed(e, te)} | {show(f)} | {show(tf)} | "
           f"{speed(f, tf)} | {speed(e, min(fulls)) if fulls else 'n/a'} | "
-          f"{mine.get('e2llm_needs_mb')} / {other.get('e2llm_peak_mb_so_far')} | "
-          f"{mine.get('full_needs_mb')} / {other.get('full_peak_mb_so_far')}")
+          f"{mine.get('e2llm_needs_mb')} / {other.get('e2llm_peak_mb')} | "
+          f"{mine.get('full_needs_mb')} / {other.get('full_peak_mb')}")
   if train:
     print(f"train_step_mfu={train['mfu']:.3f}")
 
@@ -283,37 +283,43 @@ def main() -> None:
     return summarize(pathlib.Path(args.out))
   lengths = [int(x) for x in args.lengths.split(",")]
   print(f"# {args.part}; {_sides.machine()}", flush=True)
+  results = []
+
+  def record(result) -> None:  # printed and written as each result comes: a timeout loses no other
+    results.append(result)
+    print(json.dumps(result), flush=True)
+    if args.out:
+      pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+      (pathlib.Path(args.out) / f"{args.part}.json").write_text(
+          json.dumps(results[0] if args.part == "train" else results, indent=1))
+
   if args.part == "torch_long":
     models = torch_models(args)
-    results = [torch_long_context(args, length, models) for length in lengths]
+    for length in lengths:
+      record(torch_long_context(args, length, models))
+    return
+  import jax
+  print(f"# {jax.__version__} {jax.devices()}", flush=True)
+  config = paper_config(args)
+  if args.trace:
+    trace_dir = tempfile.mkdtemp(prefix="gpu_trace_")
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # device kernels and XLA ops, not every Python call
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True, profiler_options=options)
+  if args.part == "check":
+    for case in check_kernels(args):
+      record(case)
+  elif args.part == "train":
+    record(train_step_mfu(args, config))
+    print(f"train_step_mfu={results[0]['mfu']:.3f}")
   else:
-    import jax
-    print(f"# {jax.__version__} {jax.devices()}", flush=True)
-    config = paper_config(args)
-    if args.trace:
-      trace_dir = tempfile.mkdtemp(prefix="gpu_trace_")
-      options = jax.profiler.ProfileOptions()
-      options.python_tracer_level = 0  # device kernels and XLA ops, not every Python call
-      jax.profiler.start_trace(trace_dir, create_perfetto_trace=True, profiler_options=options)
-    if args.part == "check":
-      results = check_kernels(args)
-    elif args.part == "train":
-      results = train_step_mfu(args, config)
-    else:
-      models = jax_models(config)
-      results = [long_context(args, config, models, length) for length in lengths]
-    if args.trace:
-      jax.profiler.stop_trace()
-      (trace,) = pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")
-      pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+    models = jax_models(config)
+    for length in lengths:
+      record(long_context(args, config, models, length))
+  if args.trace:
+    jax.profiler.stop_trace()
+    for trace in pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"):
       shutil.copy(trace, pathlib.Path(args.out) / f"{args.part}_trace.json.gz")
-  for line in results if isinstance(results, list) else [results]:
-    print(json.dumps(line), flush=True)
-  if args.out:
-    pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(args.out) / f"{args.part}.json").write_text(json.dumps(results, indent=1))
-  if args.part == "train":
-    print(f"train_step_mfu={results['mfu']:.3f}")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,25 @@ def test_cudnn_takes_right_padding_as_lengths_and_other_padding_as_a_mask(monkey
     np.testing.assert_allclose(got[rows], want[rows], atol=TOL, rtol=TOL)
 
 
+def test_cudnn_gets_no_empty_row_and_the_fallback_keeps_no_logits(monkeypatch):
+  # Rematerialised, the stand-in keeps no [T,S] residuals of its own, as cuDNN keeps none.
+  reference = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  def stand_in(q, k, v, is_causal, key_value_seq_lengths):
+    return jax.checkpoint(lambda q, k, v, n: reference(q, k, v, is_causal=is_causal,
+                                                       key_value_seq_lengths=n))(
+        q, k, v, key_value_seq_lengths)
+  monkeypatch.setattr(attention, "_cudnn", stand_in)
+  q = jax.random.normal(jax.random.key(0), (2, 64, 2, 8))
+  padded_chunk = attention.key_padding_mask(jnp.asarray([[True] * 64, [False] * 64]))
+  out = attention.attention(q, q, q, padded_chunk, "cudnn")
+  # The empty row is given one key (cuDNN has returned NaN for empty rows): it reads the first.
+  np.testing.assert_allclose(out[1], jnp.broadcast_to(q[1, :1], (64, 2, 8)), atol=TOL, rtol=TOL)
+  # Under a gradient the cond keeps the operands, not the other branch's [T,S] logits.
+  loss = lambda q: jnp.sum(attention.attention(q, q, q, padded_chunk, "cudnn") ** 2)
+  kept = [residual.shape for residual in jax.tree.leaves(jax.vjp(loss, q)[1])]
+  assert not any(shape[-2:] == (64, 64) for shape in kept), kept
+
+
 def test_blockwise_never_holds_full_logits():
   length, heads = 8192, 1
   q = jax.ShapeDtypeStruct((1, length, heads, 16), jnp.float32)

@@ -131,16 +131,21 @@ def _cudnn_by_lengths(q, k, v, mask: AttentionMask, block_q: int, block_k: int) 
   """cuDNN with the mask given as key lengths (and the causal flag): no [T,S] tensor at any length.
 
   Exact when each row's real keys are a prefix (right padding), which is checked on the device;
-  otherwise our own kernel for the shape runs instead. Under causal masking a padded query row
-  differs from the other kernels (it does not see its own padded slot); nothing reads those rows.
+  otherwise our own kernel for the shape runs instead. Rows of padding only (padded chunks) differ
+  from the other kernels, as do padded query rows under causal masking: nothing reads them.
   """
   lengths = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
   prefix = jnp.arange(mask.key_valid.shape[-1])[None] < lengths[:, None]
   right_padded = jnp.all(prefix == mask.key_valid.astype(bool))
-  by_lengths = lambda: _cudnn(q, k, v, is_causal=mask.causal, key_value_seq_lengths=lengths)
-  otherwise = lambda: attention(q, k, v, mask, "xla" if q.shape[1] * k.shape[1] <= DENSE_MAX_LOGITS
-                               else "blockwise", block_q, block_k)
-  return jax.lax.cond(right_padded, by_lengths, otherwise)
+  # A row of length 0 is given one key: cuDNN has returned NaN for empty rows, and NaN · 0 in
+  # pooling or in the value product would reach the loss.
+  by_lengths = lambda q, k, v: _cudnn(q, k, v, is_causal=mask.causal,
+                                      key_value_seq_lengths=jnp.maximum(lengths, 1))
+  ours = resolve("auto", q.shape[1], k.shape[1], q.dtype, mask, backend="cpu")
+  # Under a gradient a cond keeps both branches' residuals; rematerialising ours keeps its [T,S]
+  # probabilities out of the residuals when cuDNN is the branch that ran.
+  otherwise = jax.checkpoint(lambda q, k, v: attention(q, k, v, mask, ours, block_q, block_k))
+  return jax.lax.cond(right_padded, by_lengths, otherwise, q, k, v)
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -155,14 +155,15 @@ class Pooling(nn.Module):
     return layers.LayerNorm(self.eps, name="output_norm")(h + ffn)
 
 
-# At inference many chunks are encoded in groups of about this many tokens, one group after another:
-# each group's activations and attention logits stay cache-sized, and peak memory stops growing
-# with the number of chunks (the matmuls stay large enough to run at full rate). Not under a
-# gradient: the backward of the group loop keeps every group's activations anyway and ran 1.8x
-# slower than one batch (MiniLM, 64 chunks x 128 tokens, bench/RESULTS.md).
+# At inference on a CPU many chunks are encoded in groups of about this many tokens, one group
+# after another: each group's activations and attention logits stay cache-sized, and peak memory
+# stops growing with the number of chunks (a CPU's matmuls still run at full rate at this size).
+# Not under a gradient: the backward of the group loop keeps every group's activations anyway and
+# ran 1.8x slower than one batch (MiniLM, 64 chunks x 128 tokens, bench/RESULTS.md).
 ENCODE_GROUP_TOKENS = 2048
-# A GPU needs far more rows per matmul to fill: GTE-large over 256 chunks in groups of 2048 tokens
-# took 2x PyTorch's one batch on an H200 (bench/RESULTS.md). There groups only bound memory.
+# On accelerators (GPU, TPU) matmuls need far more rows to fill the chip: GTE-large over 256 chunks
+# in groups of 2048 tokens took 1.6x the time of groups this large on an H200 (bench/RESULTS.md);
+# there groups only bound memory.
 ACCELERATOR_ENCODE_GROUP_TOKENS = 65536
 
 
@@ -170,7 +171,8 @@ def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask
            lora: Any = None, deterministic: bool = True, rngs=None,
            grouped: bool = True) -> jax.Array:
   """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise); `grouped` (without
-  dropout) runs many chunks in groups of ENCODE_GROUP_TOKENS: pass False when differentiating."""
+  dropout) runs many chunks in groups of ENCODE_GROUP_TOKENS on a CPU and of
+  ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere: pass False when differentiating."""
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
   apply = lambda ids, mask: Encoder(cfg).apply(variables, ids, mask, deterministic=deterministic,
                                                rngs=rngs)
