@@ -137,8 +137,8 @@ def _cudnn_by_lengths(q, k, v, mask: AttentionMask, block_q: int, block_k: int) 
   lengths = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
   prefix = jnp.arange(mask.key_valid.shape[-1])[None] < lengths[:, None]
   right_padded = jnp.all(prefix == mask.key_valid.astype(bool))
-  # A row of length 0 is given one key: cuDNN has returned NaN for empty rows, and NaN · 0 in
-  # pooling or in the value product would reach the loss.
+  # A row of length 0 is given one key: fused kernels are known to return NaN for empty rows,
+  # and NaN · 0 in pooling or in the value product would reach the loss.
   by_lengths = lambda q, k, v: _cudnn(q, k, v, is_causal=mask.causal,
                                       key_value_seq_lengths=jnp.maximum(lengths, 1))
   ours = resolve("auto", q.shape[1], k.shape[1], q.dtype, mask, backend="cpu")
