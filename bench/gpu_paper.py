@@ -1,25 +1,27 @@
 """Benchmark for one GPU: the paper's shapes (GTE-large + Llama-2-7B, random weights, bf16, LoRA).
 
-Each `--part` runs in its own process (`bench/gpu.sh` runs them in turn) and writes <out>/<part>.json:
+Each `--part` runs in its own process (`bench/gpu.sh` runs them in turn), writing <out>/<part>.json:
 - `check`: our attention through the GPU kernel ("auto": cuDNN) against our dense one, forward and
   gradient, for each kind of mask.
 - `train`: the MFU of the jitted train step (FLOPs counted as in `bench/roofline.py`, remat
   recomputation not counted), and the fraction of a plain bf16 matmul's measured rate.
-- `jax_long` / `torch_long`: E2LLM time to first token (chunks → encoder → mean pool → MLP → decoder)
-  and full-context Llama-2-7B prefill at each `--lengths`, ours and transformers' (SDPA), with the
-  memory each needs; OOM reported as such.
+- `jax_long` / `torch_long`: E2LLM time to first token (chunks → encoder → mean pool → MLP →
+  decoder) and full-context Llama-2-7B prefill at each `--lengths`, ours and transformers' (SDPA),
+  with the memory each needs; OOM reported as such.
 - `summary`: one table of what <out> holds, ending with `train_step_mfu=<value>`.
-Random weights: speed does not depend on their values. `--trace` adds a Perfetto trace of the part;
-`--tiny` shrinks every shape so the code paths can be checked on a CPU.
+Random weights: speed does not depend on their values. `--trace` adds a Perfetto trace of the part,
+`--dump` the optimized HLO of its first-token or train-step functions (which names the trace's
+fusions); `--tiny` shrinks every shape so the code paths can be checked on a CPU.
 
 Usage: `python bench/gpu_paper.py --part check|train|jax_long|torch_long|summary --out DIR
-[--batch 4] [--chunks 256] [--lengths 32768,131072] [--attention auto] [--trace] [--tiny]`.
+[--batch 4] [--chunks 256] [--lengths 32768,131072] [--attention auto] [--trace] [--dump] [--tiny]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -242,7 +244,8 @@ def summarize(out: pathlib.Path) -> None:
   if train:
     print(f"train step {train['step_s']:.3f} s, {train['tflop_per_step']:.1f} TFLOP, compile "
           f"{train['compile_s']:.0f} s, MFU {train['mfu']:.3f}, bf16 matmul "
-          f"{train['matmul_bf16_tflops']:.0f} TFLOP/s ({train['fraction_of_matmul_rate']:.3f} of it)")
+          f"{train['matmul_bf16_tflops']:.0f} TFLOP/s "
+          f"({train['fraction_of_matmul_rate']:.3f} of it)")
   show = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
   speed = lambda a, b: f"{b / a:.2f}x" if all(isinstance(x, float) for x in (a, b)) else "n/a"
   print("length | e2llm ours s | torch s | ours/torch speed | full ours s | torch s | "
@@ -275,7 +278,9 @@ def main() -> None:
   parser.add_argument("--peak-tflops", type=float, default=989.0,
                       help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
   parser.add_argument("--trace", action="store_true",
-                      help="trace the part with jax.profiler: <out>/<part>_trace.json.gz (Perfetto)")
+                      help="trace the part: <out>/<part>_trace.json.gz (Perfetto)")
+  parser.add_argument("--dump", action="store_true",
+                      help="the part's optimized HLO, naming a trace's fusions: <out>/<part>_hlo.txt")
   parser.add_argument("--tiny", action="store_true")
   parser.add_argument("--out", default=None, help="folder for <part>.json")
   args = parser.parse_args()
@@ -298,6 +303,10 @@ def main() -> None:
     for length in lengths:
       record(torch_long_context(args, length, models))
     return
+  dump_dir = tempfile.mkdtemp(prefix="gpu_hlo_")
+  if args.dump:  # read when the backend starts, which the next lines do
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
+                               " --xla_dump_hlo_module_re=.*(first|train_step).*")
   import jax
   print(f"# {jax.__version__} {jax.devices()}", flush=True)
   config = paper_config(args)
@@ -316,6 +325,10 @@ def main() -> None:
     models = jax_models(config)
     for length in lengths:
       record(long_context(args, config, models, length))
+  modules = sorted(pathlib.Path(dump_dir).glob("*after_optimizations.txt"))
+  if modules:
+    (pathlib.Path(args.out) / f"{args.part}_hlo.txt").write_text(
+        "".join(f"// {m.name}\n{m.read_text()}\n" for m in modules))
   if args.trace:
     jax.profiler.stop_trace()
     for trace in pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"):

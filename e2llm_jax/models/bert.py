@@ -177,7 +177,8 @@ def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask
   apply = lambda ids, mask: Encoder(cfg).apply(variables, ids, mask, deterministic=deterministic,
                                                rngs=rngs)
   batch, length = input_ids.shape
-  tokens = ENCODE_GROUP_TOKENS if jax.default_backend() == "cpu" else ACCELERATOR_ENCODE_GROUP_TOKENS
+  on_cpu = jax.default_backend() == "cpu"
+  tokens = ENCODE_GROUP_TOKENS if on_cpu else ACCELERATOR_ENCODE_GROUP_TOKENS
   group = max(tokens // max(length, 1), 1)
   if not grouped or not deterministic or batch <= group:
     return apply(input_ids, attention_mask)
