@@ -79,17 +79,16 @@ def train_step_mfu(args, config) -> dict:
 
 
 def jax_models(config) -> tuple:
-  """Model config and random bf16 weights (cast inside the jitted init: no float32 copy of 7B)."""
+  """Model config and random weights placed as training and serving place them (`frozen_towers`:
+  created by a jitted init already in their stored dtypes, no float32 copy of 7B)."""
   import jax
-  import jax.numpy as jnp
-  from e2llm_jax.models import bert, e2llm, llama
-  from e2llm_jax import towers
+  from e2llm_jax import sharding, towers
+  from e2llm_jax.models import e2llm
   cfg, _ = towers.load_model(config)
   rng = jax.random.key(0)
-  in_bf16 = lambda init, tower: jax.jit(lambda r: jax.tree.map(
-      lambda x: x.astype(jnp.bfloat16), init(tower, r)))(rng)
-  frozen = {"encoder": in_bf16(bert.init_params, cfg.encoder),
-            "decoder": in_bf16(llama.init_params, cfg.decoder)}
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  frozen, _ = towers.frozen_towers(cfg, {tower: None for tower in towers.TOWERS}, mesh,
+                                   config.mesh.rules, rng)
   return cfg, frozen, e2llm.init_trainable(cfg, frozen, rng)
 
 
@@ -147,7 +146,7 @@ def torch_long_context(args, length: int, models: dict) -> dict:
   encoder, adapter, decoder = models["encoder"], models["adapter"], models["decoder"]
   cuda = models["device"] == "cuda"
   sync = torch.cuda.synchronize if cuda else lambda: None
-  chunk_tokens = 128
+  chunk_tokens = models["chunk_tokens"]
   num_chunks = length // chunk_tokens
   ids = torch.randint(5, 1000, (1, length), device=models["device"])
   chunk_ids = ids.reshape(num_chunks, chunk_tokens)
@@ -176,29 +175,27 @@ def torch_long_context(args, length: int, models: dict) -> dict:
   return result
 
 
-def torch_models(args) -> dict:
-  """GTE-large (BERT) encoder, MLP adapter and Llama-2-7B, random, bf16, on the GPU (if any)."""
+def torch_models(config) -> dict:
+  """Our towers' architectures in transformers (the configs our export writes), random, bf16, SDPA,
+  with the MLP adapter, on the GPU (if any)."""
   import torch
   import transformers
-  enc, dec = (TINY_ENCODER, TINY_DECODER) if args.tiny else (GTE_LARGE, LLAMA2_7B)
+  from e2llm_jax import towers
+  from e2llm_jax.hf import configs
+  cfg, _ = towers.load_model(config)
+  as_torch = lambda hf: dict(hf, dtype="bfloat16", attn_implementation="sdpa")
   torch.set_default_dtype(torch.bfloat16)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   with torch.device(device):
     encoder = transformers.BertModel(transformers.BertConfig(
-        vocab_size=enc["vocab_size"], hidden_size=enc["hidden_size"],
-        num_hidden_layers=enc["num_layers"], num_attention_heads=enc["num_heads"],
-        intermediate_size=enc["intermediate_size"],
-        max_position_embeddings=enc["max_position_embeddings"], attn_implementation="sdpa"),
-        add_pooling_layer=False).eval()
+        **as_torch(configs.encoder_config_to_hf(cfg.encoder))), add_pooling_layer=False).eval()
     decoder = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=dec["vocab_size"], hidden_size=dec["hidden_size"],
-        num_hidden_layers=dec["num_layers"], num_attention_heads=dec["num_heads"],
-        num_key_value_heads=dec["num_heads"], intermediate_size=dec["intermediate_size"],
-        max_position_embeddings=dec["max_position_embeddings"], attn_implementation="sdpa")).eval()
-    adapter = torch.nn.Sequential(torch.nn.Linear(enc["hidden_size"], dec["hidden_size"]),
-                                  torch.nn.GELU(), torch.nn.Linear(dec["hidden_size"],
-                                                                   dec["hidden_size"]))
-  return {"encoder": encoder, "adapter": adapter, "decoder": decoder, "device": device}
+        **as_torch(configs.decoder_config_to_hf(cfg.decoder)))).eval()
+    width, out = cfg.encoder.hidden_size, cfg.decoder.hidden_size
+    adapter = torch.nn.Sequential(torch.nn.Linear(width, out), torch.nn.GELU(),
+                                  torch.nn.Linear(out, out))
+  return {"encoder": encoder, "adapter": adapter, "decoder": decoder, "device": device,
+          "chunk_tokens": config.data.chunk_tokens}
 
 
 def check_kernels(args) -> list:
@@ -225,8 +222,7 @@ def check_kernels(args) -> list:
     got, want = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(q, kind)
                  for kind in ("auto", "xla"))
     kernel = attention.resolve("auto", length, length, q.dtype, mask)
-    prefix = jnp.arange(length)[None] < jnp.sum(mask.key_valid, -1, keepdims=True)
-    if kernel == "cudnn" and not bool(jnp.all(prefix == mask.key_valid)):
+    if kernel == "cudnn" and not bool(attention.right_padded(mask.key_valid)):
       kernel = "ours (the cond's other branch: padding is not a prefix)"
     results.append({"case": name, "kernel": kernel, "loss_rel_error": error(got[0], want[0]),
                     "grad_rel_error": error(got[1], want[1])})
@@ -299,7 +295,7 @@ def main() -> None:
           json.dumps(results[0] if args.part == "train" else results, indent=1))
 
   if args.part == "torch_long":
-    models = torch_models(args)
+    models = torch_models(paper_config(args))
     for length in lengths:
       record(torch_long_context(args, length, models))
     return

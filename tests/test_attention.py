@@ -220,7 +220,8 @@ def test_cudnn_gets_no_empty_row_and_the_fallback_keeps_no_logits(monkeypatch):
   q = jax.random.normal(jax.random.key(0), (2, 64, 2, 8))
   padded_chunk = attention.key_padding_mask(jnp.asarray([[True] * 64, [False] * 64]))
   out = attention.attention(q, q, q, padded_chunk, "cudnn")
-  # The empty row is given one key (cuDNN has returned NaN for empty rows): it reads the first.
+  # The empty row is given one key (fused kernels are known to return NaN for none): it reads
+  # the first.
   np.testing.assert_allclose(out[1], jnp.broadcast_to(q[1, :1], (64, 2, 8)), atol=TOL, rtol=TOL)
   # Under a gradient the cond keeps the operands, not the other branch's [T,S] logits.
   loss = lambda q: jnp.sum(attention.attention(q, q, q, padded_chunk, "cudnn") ** 2)

@@ -73,7 +73,7 @@ def resolve(implementation: str, length: int, keys: int, dtype, mask: AttentionM
                      f"{IMPLEMENTATIONS} (config key model.attention).")
   backend = backend or jax.default_backend()
   if implementation == "auto":
-    if backend == "gpu" and _cudnn_fits(length, keys, dtype, mask):
+    if backend == "gpu" and _cudnn_fits(dtype, mask):
       return "cudnn"
     if backend == "tpu" and _pallas_fits(mask):
       return "pallas"
@@ -83,7 +83,7 @@ def resolve(implementation: str, length: int, keys: int, dtype, mask: AttentionM
   return implementation
 
 
-def _cudnn_fits(length: int, keys: int, dtype, mask: AttentionMask | None) -> bool:
+def _cudnn_fits(dtype, mask: AttentionMask | None) -> bool:
   # cuDNN's fused kernel takes half-precision inputs, and masks it can take as sequence lengths
   # (`_by_lengths`), which cost nothing at any length. Others it would read as a dense [T,S] bias
   # (with constraints of its own, e.g. even lengths under a gradient): those stay with our kernels.
@@ -135,8 +135,6 @@ def _cudnn_by_lengths(q, k, v, mask: AttentionMask, block_q: int, block_k: int) 
   from the other kernels, as do padded query rows under causal masking: nothing reads them.
   """
   lengths = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
-  prefix = jnp.arange(mask.key_valid.shape[-1])[None] < lengths[:, None]
-  right_padded = jnp.all(prefix == mask.key_valid.astype(bool))
   # A row of length 0 is given one key: fused kernels are known to return NaN for empty rows,
   # and NaN · 0 in pooling or in the value product would reach the loss.
   by_lengths = lambda q, k, v: _cudnn(q, k, v, is_causal=mask.causal,
@@ -145,7 +143,14 @@ def _cudnn_by_lengths(q, k, v, mask: AttentionMask, block_q: int, block_k: int) 
   # Under a gradient a cond keeps both branches' residuals; rematerialising ours keeps its [T,S]
   # probabilities out of the residuals when cuDNN is the branch that ran.
   otherwise = jax.checkpoint(lambda q, k, v: attention(q, k, v, mask, ours, block_q, block_k))
-  return jax.lax.cond(right_padded, by_lengths, otherwise, q, k, v)
+  return jax.lax.cond(right_padded(mask.key_valid), by_lengths, otherwise, q, k, v)
+
+
+def right_padded(key_valid: jax.Array) -> jax.Array:
+  """Bool scalar: every row's real keys [B,S] are a prefix of it (padding only on the right)."""
+  lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
+  prefix = jnp.arange(key_valid.shape[-1])[None] < lengths[:, None]
+  return jnp.all(prefix == key_valid.astype(bool))
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
