@@ -209,9 +209,13 @@ def check_kernels(args) -> list:
              for i in range(3))
   slots = jnp.broadcast_to(jnp.arange(length), (2, length))
   right = jnp.arange(length)[None] < jnp.asarray([[length], [length * 3 // 4]])
+  # Padding in holes, as in the train step's decoder rows (prefix ‖ soft ‖ query ‖ target).
+  holes = jax.random.bernoulli(jax.random.key(3), 0.7, (2, length))
   cases = {"padding": attention.key_padding_mask(right),
+           "padding in holes": attention.key_padding_mask(holes),
            "causal, right padding": attention.AttentionMask(right, slots, aligned=True),
-           "causal, left padding": attention.AttentionMask(right[:, ::-1], slots, aligned=True)}
+           "causal, left padding": attention.AttentionMask(right[:, ::-1], slots, aligned=True),
+           "causal, holes": attention.AttentionMask(holes, slots, aligned=True)}
   results = []
   for name, mask in cases.items():
     rows = mask.key_valid[:, :, None, None] if mask.causal else 1.0  # padded causal rows: unread
@@ -223,7 +227,7 @@ def check_kernels(args) -> list:
                  for kind in ("auto", "xla"))
     kernel = attention.resolve("auto", length, length, q.dtype, mask)
     if kernel == "cudnn" and not bool(attention.right_padded(mask.key_valid)):
-      kernel = "ours (the cond's other branch: padding is not a prefix)"
+      kernel = "cudnn, real keys moved to the front"
     results.append({"case": name, "kernel": kernel, "loss_rel_error": error(got[0], want[0]),
                     "grad_rel_error": error(got[1], want[1])})
   return results

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2llm_jax.models import attention, bert, llama, stacking
+from e2llm_jax.models import attention, bert, layers, llama, stacking
 
 TOL = 1e-5
 
@@ -192,24 +192,33 @@ def test_auto_choice_per_backend_and_shape():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_cudnn_takes_right_padding_as_lengths_and_other_padding_as_a_mask(monkeypatch, causal):
+def test_cudnn_takes_padding_anywhere_as_lengths(monkeypatch, causal):
   # jax's reference implementation stands in for the cuDNN call on the CPU, marked (+1000) so the
-  # result shows which branch ran: cuDNN for right padding, our dense kernel for any other.
+  # result shows that cuDNN ran: as it stands for right padding, with the real keys (and causal
+  # queries) moved to the front for padding on the left or in holes.
   reference = functools.partial(jax.nn.dot_product_attention, implementation="xla")
   monkeypatch.setattr(attention, "_cudnn", lambda *a, **kw: reference(*a, **kw) + 1000)
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, 4, 8)) for i in range(3))
   right = jnp.asarray([[1] * 12, [1] * 9 + [0] * 3], bool)
   left = jnp.asarray([[1] * 12, [0] * 3 + [1] * 9], bool)
-  for key_valid, marker in ((right, 1000), (left, 0)):
+  holes = jnp.asarray([[1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1], [0, 1, 1, 1, 0, 1] * 2], bool)
+  for key_valid in (right, left, holes):
     slots = jnp.broadcast_to(jnp.arange(12), (2, 12)) if causal else None
     mask = attention.AttentionMask(key_valid=key_valid, query_slots=slots, aligned=causal)
-    got = attention.attention(q, k, v, mask, "cudnn")
-    want = attention.dense_attention(q, k, v, mask.dense()) + marker
+    forward = jax.jit(lambda q, k, v: attention.attention(q, k, v, mask, "cudnn"))
+    want = attention.dense_attention(q, k, v, mask.dense()) + 1000
     rows = key_valid if causal else jnp.ones_like(key_valid)  # causal padded rows are never read
-    np.testing.assert_allclose(got[rows], want[rows], atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(forward(q, k, v)[rows], want[rows], atol=TOL, rtol=TOL)
+    # Gradients flow back through the moves to the slots they came from (a linear loss: the
+    # marker does not reach them).
+    weights = jax.random.normal(jax.random.key(3), q.shape) * rows[:, :, None, None]
+    loss = lambda kind: lambda q, k, v: jnp.sum(attention.attention(q, k, v, mask, kind) * weights)
+    got, want = (jax.grad(loss(kind), argnums=(0, 1, 2))(q, k, v) for kind in ("cudnn", "xla"))
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, atol=TOL, rtol=TOL)
 
 
-def test_cudnn_gets_no_empty_row_and_the_fallback_keeps_no_logits(monkeypatch):
+def test_cudnn_gets_no_empty_row_and_the_moved_branch_keeps_no_logits(monkeypatch):
   # Rematerialised, the stand-in keeps no [T,S] residuals of its own, as cuDNN keeps none.
   reference = functools.partial(jax.nn.dot_product_attention, implementation="xla")
   def stand_in(q, k, v, is_causal, key_value_seq_lengths):
@@ -288,3 +297,13 @@ def test_encoder_groups_are_large_off_the_cpu(monkeypatch):
   assert loops()
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not loops()
+
+
+def test_bf16_dots_ask_for_float32_only_on_the_cpu(monkeypatch):
+  # Off the CPU the matmul units accumulate in float32 and a float32 result would only move more bytes.
+  x = jnp.ones((4, 8), jnp.bfloat16)
+  widened = lambda: "preferred_element_type=float32" in str(
+      jax.make_jaxpr(lambda x: layers.matmul(x, x.T))(x))
+  assert widened()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not widened()

@@ -93,7 +93,8 @@ def _cudnn_fits(dtype, mask: AttentionMask | None) -> bool:
 
 def _by_lengths(mask: AttentionMask | None) -> bool:
   """The mask is "padding only" (bidirectional) or "causal over the sequence itself" (a full
-  forward without a window): cuDNN then takes it as key lengths, if the padding is on the right."""
+  forward without a window): cuDNN then takes it as key lengths, the real keys moved to the front
+  first where the padding is not on the right."""
   return mask is not None and mask.sliding_window is None and (not mask.causal or mask.aligned)
 
 
@@ -116,7 +117,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, implementatio
   if kind == "pallas":
     return _pallas_attention(q, k, v, mask)
   if kind == "cudnn" and not dense_given and _by_lengths(mask):
-    return _cudnn_by_lengths(q, k, v, mask, block_q, block_k)
+    return _cudnn_by_lengths(q, k, v, mask)
   dense = mask if dense_given else mask.dense()
   if kind == "cudnn":  # asked for by name with another mask: cuDNN takes it as a full-size bias
     return _cudnn(q, k, v, mask=jnp.broadcast_to(dense, (*dense.shape[:2], q.shape[1], k.shape[1])))
@@ -127,23 +128,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, implementatio
 _cudnn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
 
 
-def _cudnn_by_lengths(q, k, v, mask: AttentionMask, block_q: int, block_k: int) -> jax.Array:
+def _cudnn_by_lengths(q, k, v, mask: AttentionMask) -> jax.Array:
   """cuDNN with the mask given as key lengths (and the causal flag): no [T,S] tensor at any length.
 
-  Exact when each row's real keys are a prefix (right padding), which is checked on the device;
-  otherwise our own kernel for the shape runs instead. Rows of padding only (padded chunks) differ
-  from the other kernels, as do padded query rows under causal masking: nothing reads them.
+  Exact as it stands when each row's real keys are a prefix (right padding), which is checked on
+  the device; otherwise the real keys (and, causal, the queries with them) are first moved to the
+  front in order and the output moved back. Rows of padding only (padded chunks) differ from the
+  other kernels, as do padded query rows under causal masking: nothing reads them.
   """
   lengths = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
   # A row of length 0 is given one key: fused kernels are known to return NaN for empty rows,
   # and NaN · 0 in pooling or in the value product would reach the loss.
   by_lengths = lambda q, k, v: _cudnn(q, k, v, is_causal=mask.causal,
                                       key_value_seq_lengths=jnp.maximum(lengths, 1))
-  ours = resolve("auto", q.shape[1], k.shape[1], q.dtype, mask, backend="cpu")
-  # Under a gradient a cond keeps both branches' residuals; rematerialising ours keeps its [T,S]
-  # probabilities out of the residuals when cuDNN is the branch that ran.
-  otherwise = jax.checkpoint(lambda q, k, v: attention(q, k, v, mask, ours, block_q, block_k))
-  return jax.lax.cond(right_padded(mask.key_valid), by_lengths, otherwise, q, k, v)
+
+  def compacted(q, k, v):
+    # Moving real keys to the front keeps their order, so a causal query (moved with its key)
+    # still sees exactly the real keys at or before it.
+    valid = mask.key_valid.astype(bool)
+    destination = jnp.where(valid, jnp.cumsum(valid, -1) - 1,
+                            lengths[:, None] + jnp.cumsum(~valid, -1) - 1)  # [B,S]
+    gather = lambda x, index: jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+    source = jnp.argsort(destination, axis=-1)
+    k, v = gather(k, source), gather(v, source)
+    if not mask.causal:
+      return by_lengths(q, k, v)
+    return gather(by_lengths(gather(q, source), k, v), destination)
+
+  # Under a gradient a cond keeps both branches' residuals; rematerialising the rarer branch keeps
+  # its moved copies of q, k, v out of the residuals when the padding was already on the right.
+  return jax.lax.cond(right_padded(mask.key_valid), by_lengths, jax.checkpoint(compacted),
+                      q, k, v)
 
 
 def right_padded(key_valid: jax.Array) -> jax.Array:
