@@ -14,12 +14,14 @@ Random weights: speed does not depend on their values. `--trace` adds a Perfetto
 fusions); `--tiny` shrinks every shape so the code paths can be checked on a CPU.
 
 Usage: `python bench/gpu_paper.py --part check|train|jax_long|torch_long|summary --out DIR
-[--batch 4] [--chunks 256] [--lengths 32768,131072] [--attention auto] [--trace] [--dump] [--tiny]`.
+[--batch 4] [--chunks 256] [--lengths 32768,131072] [--attention auto] [--remat off|POLICY] [--trace]
+[--dump] [--tiny]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -52,6 +54,8 @@ def paper_config(args):
   config.model.pooling, config.lora.dropout = "mean", 0.0
   config.train.batch_size, config.data.max_chunks = args.batch, args.chunks
   config.model.attention = args.attention
+  config.model.remat = args.remat != "off"
+  config.model.remat_policy = "nothing_saveable" if args.remat == "off" else args.remat
   config.mesh.shape = (1, 1, 1)
   return config
 
@@ -73,18 +77,20 @@ def train_step_mfu(args, config) -> dict:
                                     config.lora.encoder_rank, config.lora.decoder_rank)
   # The rate a plain bf16 matmul reaches here: the ceiling the step could approach in practice.
   matmul = roofline.matmul_flops_per_s("bfloat16", repeats=10, size=256 if args.tiny else 8192)
-  return {"step_s": seconds, "compile_s": compile_s, "tflop_per_step": flops / 1e12,
+  return {"remat": args.remat, "step_s": seconds, "compile_s": compile_s, "tflop_per_step": flops / 1e12,
           "mfu": flops / seconds / (args.peak_tflops * 1e12),
           "matmul_bf16_tflops": matmul / 1e12, "fraction_of_matmul_rate": flops / seconds / matmul}
 
 
 def jax_models(config) -> tuple:
   """Model config and random weights placed as training and serving place them (`frozen_towers`:
-  created by a jitted init already in their stored dtypes, no float32 copy of 7B)."""
+  created by a jitted init already in their stored dtypes, no float32 copy of 7B). Without LoRA,
+  as PyTorch's side runs: the same work on both sides."""
   import jax
   from e2llm_jax import sharding, towers
   from e2llm_jax.models import e2llm
   cfg, _ = towers.load_model(config)
+  cfg = dataclasses.replace(cfg, encoder_lora=None, decoder_lora=None)
   rng = jax.random.key(0)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   frozen, _ = towers.frozen_towers(cfg, {tower: None for tower in towers.TOWERS}, mesh,
@@ -242,7 +248,7 @@ def summarize(out: pathlib.Path) -> None:
     print(f"{case['kernel']} vs xla, {case['case']}: loss {case['loss_rel_error']:.1e}, "
           f"gradient {case['grad_rel_error']:.1e} (relative)")
   if train:
-    print(f"train step {train['step_s']:.3f} s, {train['tflop_per_step']:.1f} TFLOP, compile "
+    print(f"train step (remat {train.get('remat')}) {train['step_s']:.3f} s, {train['tflop_per_step']:.1f} TFLOP, compile "
           f"{train['compile_s']:.0f} s, MFU {train['mfu']:.3f}, bf16 matmul "
           f"{train['matmul_bf16_tflops']:.0f} TFLOP/s "
           f"({train['fraction_of_matmul_rate']:.3f} of it)")
@@ -275,6 +281,9 @@ def main() -> None:
   parser.add_argument("--lengths", default="32768,131072")
   parser.add_argument("--repeats", type=int, default=2, help="timed runs per first token")
   parser.add_argument("--attention", default="auto", help="config key model.attention")
+  parser.add_argument("--remat", default="nothing_saveable",
+                      help="train: 'off', or the model.remat_policy (the paper recipe: "
+                           "nothing_saveable)")
   parser.add_argument("--peak-tflops", type=float, default=989.0,
                       help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
   parser.add_argument("--trace", action="store_true",
