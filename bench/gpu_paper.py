@@ -1,21 +1,22 @@
-"""Benchmark for one GPU: the paper's shapes (GTE-large + Llama-2-7B, random weights, bf16, LoRA).
+"""Benchmark for one GPU: the paper's shapes (GTE-large + Llama-2-7B, random weights, bf16).
 
 Each `--part` runs in its own process (`bench/gpu.sh` runs them in turn), writing <out>/<part>.json:
 - `check`: our attention through the GPU kernel ("auto": cuDNN) against our dense one, forward and
   gradient, for each kind of mask.
-- `train`: the MFU of the jitted train step (FLOPs counted as in `bench/roofline.py`, remat
-  recomputation not counted), and the fraction of a plain bf16 matmul's measured rate.
+- `train`: the MFU of the jitted train step with LoRA (FLOPs counted as in `bench/roofline.py`,
+  remat recomputation not counted), and the fraction of a plain bf16 matmul's measured rate.
 - `jax_long` / `torch_long`: E2LLM time to first token (chunks → encoder → mean pool → MLP →
   decoder) and full-context Llama-2-7B prefill at each `--lengths`, ours and transformers' (SDPA),
-  with the memory each needs; OOM reported as such.
+  both without LoRA, with the memory each needs; OOM reported as such.
 - `summary`: one table of what <out> holds, ending with `train_step_mfu=<value>`.
-Random weights: speed does not depend on their values. `--trace` adds a Perfetto trace of the part,
-`--dump` the optimized HLO of its first-token or train-step functions (which names the trace's
-fusions); `--tiny` shrinks every shape so the code paths can be checked on a CPU.
+Random weights: speed does not depend on their values. `--trace` adds a Perfetto trace of the part
+(`bench/gpu_trace.py` sums it by part of the model), `--dump` the optimized HLO of its first-token
+or train-step functions (which names the trace's fusions); `--tiny` shrinks every shape so the
+code paths can be checked on a CPU.
 
 Usage: `python bench/gpu_paper.py --part check|train|jax_long|torch_long|summary --out DIR
-[--batch 4] [--chunks 256] [--lengths 32768,131072] [--attention auto] [--remat off|POLICY] [--trace]
-[--dump] [--tiny]`.
+[--batch 4] [--chunks 256] [--lengths 32768,131072] [--attention auto] [--remat off|POLICY]
+[--trace] [--dump] [--tiny]`.
 """
 
 from __future__ import annotations
@@ -287,7 +288,8 @@ def main() -> None:
   parser.add_argument("--peak-tflops", type=float, default=989.0,
                       help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
   parser.add_argument("--trace", action="store_true",
-                      help="trace the part: <out>/<part>_trace.json.gz (Perfetto)")
+                      help="trace the part, CUDA graphs off: <out>/<part>_trace.json.gz "
+                           "(Perfetto; summed by part with bench/gpu_trace.py)")
   parser.add_argument("--dump", action="store_true",
                       help="the part's optimized HLO, naming a trace's fusions: <out>/<part>_hlo.txt")
   parser.add_argument("--tiny", action="store_true")
@@ -312,6 +314,8 @@ def main() -> None:
     for length in lengths:
       record(torch_long_context(args, length, models))
     return
+  if args.trace:  # under CUDA graphs the profiler failed the train step and kernels lose op names
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   dump_dir = tempfile.mkdtemp(prefix="gpu_hlo_")
   if args.dump:  # read when the backend starts, which the next lines do
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"

@@ -300,7 +300,7 @@ def test_encoder_groups_are_large_off_the_cpu(monkeypatch):
 
 
 def test_bf16_dots_ask_for_float32_only_on_the_cpu(monkeypatch):
-  # Off the CPU the matmul units accumulate in float32 and a float32 result would only move more bytes.
+  # Off the CPU the matmul units accumulate in float32; a float32 result would only move more bytes.
   x = jnp.ones((4, 8), jnp.bfloat16)
   widened = lambda: "preferred_element_type=float32" in str(
       jax.make_jaxpr(lambda x: layers.matmul(x, x.T))(x))
