@@ -34,6 +34,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _sides  # pylint: disable=wrong-import-position
 import roofline  # pylint: disable=wrong-import-position
 import train_throughput  # pylint: disable=wrong-import-position
+# Imports no jax, so the PyTorch part's process stays free of it.
+from e2llm_jax import config_utils  # pylint: disable=wrong-import-position
 
 GTE_LARGE = dict(vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16,
                  intermediate_size=4096, max_position_embeddings=512)
@@ -46,7 +48,6 @@ TINY_DECODER = dict(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, 
 
 
 def paper_config(args):
-  from e2llm_jax import config_utils
   config = config_utils.paper_recipe(None)
   config.model.encoder.random_init = config_utils.random_tower(
       **(TINY_ENCODER if args.tiny else GTE_LARGE))
@@ -78,7 +79,8 @@ def train_step_mfu(args, config) -> dict:
                                     config.lora.encoder_rank, config.lora.decoder_rank)
   # The rate a plain bf16 matmul reaches here: the ceiling the step could approach in practice.
   matmul = roofline.matmul_flops_per_s("bfloat16", repeats=10, size=256 if args.tiny else 8192)
-  return {"remat": args.remat, "step_s": seconds, "compile_s": compile_s, "tflop_per_step": flops / 1e12,
+  return {"remat": args.remat, "step_s": seconds, "compile_s": compile_s,
+          "tflop_per_step": flops / 1e12,
           "mfu": flops / seconds / (args.peak_tflops * 1e12),
           "matmul_bf16_tflops": matmul / 1e12, "fraction_of_matmul_rate": flops / seconds / matmul}
 
@@ -148,7 +150,6 @@ def long_context(args, config, models: tuple, length: int) -> dict:
 
 def torch_long_context(args, length: int, models: dict) -> dict:
   """The same two first tokens in transformers + PyTorch (bf16, SDPA), models built once."""
-  import time
   import torch
   encoder, adapter, decoder = models["encoder"], models["adapter"], models["decoder"]
   cuda = models["device"] == "cuda"
@@ -249,9 +250,9 @@ def summarize(out: pathlib.Path) -> None:
     print(f"{case['kernel']} vs xla, {case['case']}: loss {case['loss_rel_error']:.1e}, "
           f"gradient {case['grad_rel_error']:.1e} (relative)")
   if train:
-    print(f"train step (remat {train.get('remat')}) {train['step_s']:.3f} s, {train['tflop_per_step']:.1f} TFLOP, compile "
-          f"{train['compile_s']:.0f} s, MFU {train['mfu']:.3f}, bf16 matmul "
-          f"{train['matmul_bf16_tflops']:.0f} TFLOP/s "
+    print(f"train step (remat {train.get('remat')}) {train['step_s']:.3f} s, "
+          f"{train['tflop_per_step']:.1f} TFLOP, compile {train['compile_s']:.0f} s, "
+          f"MFU {train['mfu']:.3f}, bf16 matmul {train['matmul_bf16_tflops']:.0f} TFLOP/s "
           f"({train['fraction_of_matmul_rate']:.3f} of it)")
   show = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
   speed = lambda a, b: f"{b / a:.2f}x" if all(isinstance(x, float) for x in (a, b)) else "n/a"
@@ -283,8 +284,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=2, help="timed runs per first token")
   parser.add_argument("--attention", default="auto", help="config key model.attention")
   parser.add_argument("--remat", default="nothing_saveable",
-                      help="train: 'off', or the model.remat_policy (the paper recipe: "
-                           "nothing_saveable)")
+                      choices=("off",) + config_utils.REMAT_POLICIES,
+                      help="train: off, or the model.remat_policy (the paper recipe's: default)")
   parser.add_argument("--peak-tflops", type=float, default=989.0,
                       help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
   parser.add_argument("--trace", action="store_true",

@@ -191,13 +191,16 @@ def test_auto_choice_per_backend_and_shape():
     attention.resolve("flash", 8, 8, jnp.float32, mask, "cpu")
 
 
+# jax's reference kernel, standing in for the cuDNN call on the CPU.
+_REFERENCE_KERNEL = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_cudnn_takes_padding_anywhere_as_lengths(monkeypatch, causal):
   # jax's reference implementation stands in for the cuDNN call on the CPU, marked (+1000) so the
   # result shows that cuDNN ran: as it stands for right padding, with the real keys (and causal
   # queries) moved to the front for padding on the left or in holes.
-  reference = functools.partial(jax.nn.dot_product_attention, implementation="xla")
-  monkeypatch.setattr(attention, "_cudnn", lambda *a, **kw: reference(*a, **kw) + 1000)
+  monkeypatch.setattr(attention, "_cudnn", lambda *a, **kw: _REFERENCE_KERNEL(*a, **kw) + 1000)
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, 4, 8)) for i in range(3))
   right = jnp.asarray([[1] * 12, [1] * 9 + [0] * 3], bool)
   left = jnp.asarray([[1] * 12, [0] * 3 + [1] * 9], bool)
@@ -220,10 +223,9 @@ def test_cudnn_takes_padding_anywhere_as_lengths(monkeypatch, causal):
 
 def test_cudnn_gets_no_empty_row_and_the_moved_branch_keeps_no_logits(monkeypatch):
   # Rematerialised, the stand-in keeps no [T,S] residuals of its own, as cuDNN keeps none.
-  reference = functools.partial(jax.nn.dot_product_attention, implementation="xla")
   def stand_in(q, k, v, is_causal, key_value_seq_lengths):
-    return jax.checkpoint(lambda q, k, v, n: reference(q, k, v, is_causal=is_causal,
-                                                       key_value_seq_lengths=n))(
+    return jax.checkpoint(lambda q, k, v, n: _REFERENCE_KERNEL(q, k, v, is_causal=is_causal,
+                                                               key_value_seq_lengths=n))(
         q, k, v, key_value_seq_lengths)
   monkeypatch.setattr(attention, "_cudnn", stand_in)
   q = jax.random.normal(jax.random.key(0), (2, 64, 2, 8))

@@ -136,7 +136,7 @@ def _cudnn_by_lengths(q, k, v, mask: AttentionMask) -> jax.Array:
   front in order and the output moved back. Rows of padding only (padded chunks) differ from the
   other kernels, as do padded query rows under causal masking: nothing reads them.
   """
-  lengths = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
+  destination, lengths = _real_keys_first(mask.key_valid)
   # A row of length 0 is given one key: fused kernels are known to return NaN for empty rows,
   # and NaN · 0 in pooling or in the value product would reach the loss.
   by_lengths = lambda q, k, v: _cudnn(q, k, v, is_causal=mask.causal,
@@ -145,9 +145,6 @@ def _cudnn_by_lengths(q, k, v, mask: AttentionMask) -> jax.Array:
   def compacted(q, k, v):
     # Moving real keys to the front keeps their order, so a causal query (moved with its key)
     # still sees exactly the real keys at or before it.
-    valid = mask.key_valid.astype(bool)
-    destination = jnp.where(valid, jnp.cumsum(valid, -1) - 1,
-                            lengths[:, None] + jnp.cumsum(~valid, -1) - 1)  # [B,S]
     gather = lambda x, index: jnp.take_along_axis(x, index[:, :, None, None], axis=1)
     source = jnp.argsort(destination, axis=-1)
     k, v = gather(k, source), gather(v, source)
@@ -157,15 +154,26 @@ def _cudnn_by_lengths(q, k, v, mask: AttentionMask) -> jax.Array:
 
   # Under a gradient a cond keeps both branches' residuals; rematerialising the rarer branch keeps
   # its moved copies of q, k, v out of the residuals when the padding was already on the right.
-  return jax.lax.cond(right_padded(mask.key_valid), by_lengths, jax.checkpoint(compacted),
-                      q, k, v)
+  return jax.lax.cond(_unmoved(destination), by_lengths, jax.checkpoint(compacted), q, k, v)
+
+
+def _real_keys_first(key_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(destination [B,S] of each slot when a row's real keys move to its front in order and its
+  padding after them, real keys per row [B])."""
+  valid = key_valid.astype(bool)
+  lengths = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+  destination = jnp.where(valid, jnp.cumsum(valid, -1) - 1,
+                          lengths[:, None] + jnp.cumsum(~valid, -1) - 1)
+  return destination, lengths
+
+
+def _unmoved(destination: jax.Array) -> jax.Array:
+  return jnp.all(destination == jnp.arange(destination.shape[-1]))
 
 
 def right_padded(key_valid: jax.Array) -> jax.Array:
   """Bool scalar: every row's real keys [B,S] are a prefix of it (padding only on the right)."""
-  lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
-  prefix = jnp.arange(key_valid.shape[-1])[None] < lengths[:, None]
-  return jnp.all(prefix == key_valid.astype(bool))
+  return _unmoved(_real_keys_first(key_valid)[0])
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
