@@ -1,6 +1,7 @@
 """Attention kernels: the blockwise path gives the dense path's numbers (masks, GQA, window, cache).
 
-Also the per-backend choice and that the blockwise path never holds [T,S] logits.
+Also the per-backend choice, the dense kernel's hand-written backward, and that the blockwise path
+never holds [T,S] logits.
 """
 
 import dataclasses
@@ -116,6 +117,26 @@ def test_dense_kernel_matches_jax_dot_product_attention(per_head):
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), ref_fn(*half).astype(jnp.float32),
                              atol=2e-2, rtol=2e-2)
+  half_grads = jax.grad(lambda q, k, v: jnp.sum(ours_fn(q, k, v).astype(jnp.float32) * weights),
+                        (0, 1, 2))(*half)
+  for got, want in zip(half_grads, grads(ref_fn)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=6e-2, rtol=6e-2)
+
+
+def test_dense_kernel_backward_keeps_no_float_logits():
+  """Of [T,S], the dense kernel keeps only the boolean mask for its backward; jax's autodiff of
+  the same softmax kept float32 probabilities, one [T,S] per head and layer."""
+  length, keys = 24, 40
+  q, k, v = _qkv(jax.random.key(6), 1, length, keys, heads=4, kv_heads=2)
+  mask = jnp.ones((1, 1, length, keys), bool)
+  loss = lambda q, k, v: jnp.sum(attention.dense_attention(q, k, v, mask))
+  kept = jax.tree.leaves(jax.vjp(loss, q, k, v)[1])
+  assert not [x for x in kept if x.dtype != bool and x.size >= length * keys * 4], \
+      [(x.shape, x.dtype) for x in kept]
+  reference = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask))
+  kept = jax.tree.leaves(jax.vjp(reference, q, k, v)[1])
+  assert [x for x in kept if x.dtype != bool and x.size >= length * keys * 4]  # the test can fail
 
 
 def _tiny_decoder(kind, window=None):

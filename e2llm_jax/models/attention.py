@@ -11,13 +11,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from e2llm_jax.models.dense_kernel import MASKED, dense_attention
+
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 # "auto" stays dense while one head's logits hold at most this many entries (1024², 4 MB in
 # float32): below it the dense kernel is as fast and compiles to less; above it the blockwise one
 # keeps memory at O(block·S) and skips blocks no query may see.
 DENSE_MAX_LOGITS = 1024 * 1024
-# jax.nn.dot_product_attention's value for masked logits: a row with no visible key averages them.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @flax.struct.dataclass
@@ -176,37 +176,6 @@ def right_padded(key_valid: jax.Array) -> jax.Array:
   return _unmoved(_real_keys_first(key_valid)[0])
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Attention over whole [T,S] logits per head: the "xla" kernel, for short sequences.
-
-  Heads are moved in front before the dots, the scale goes on q rather than on the logits, and
-  the softmax is normalised after the value product ([T,H] divisions instead of [T,S]): on CPU
-  this ran MiniLM's attention block 1.3x faster than jax.nn.dot_product_attention, with the same
-  numbers (bench/RESULTS.md). Masked rows that see nothing average the values, as jax's does.
-  """
-  batch, length, heads, head_dim = q.shape
-  keys, kv_heads = k.shape[1], k.shape[2]
-  groups = heads // kv_heads
-  # [B,T,N,H] → [B,K,G·T,H]: the queries of one KV head are one matmul operand.
-  qs = (q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)).reshape(
-      batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-  qs = qs.reshape(batch, kv_heads, groups * length, head_dim)
-  logits = jnp.einsum("bkqh,bksh->bkqs", qs, k.transpose(0, 2, 1, 3),
-                      preferred_element_type=jnp.float32)
-  logits = logits.reshape(batch, kv_heads, groups, length, keys)
-  per_head = mask.shape[1] != 1
-  mask = mask.reshape(batch, kv_heads if per_head else 1, groups if per_head else 1,
-                      *mask.shape[2:])
-  logits = jnp.where(mask, logits, _MASKED)
-  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  denom = jnp.sum(probs, axis=-1, keepdims=True).reshape(batch, kv_heads, groups * length, 1)
-  probs = probs.reshape(batch, kv_heads, groups * length, keys).astype(v.dtype)
-  out = jnp.einsum("bkqs,bksh->bkqh", probs, v.transpose(0, 2, 1, 3),
-                   preferred_element_type=jnp.float32) / denom
-  out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
-  return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
-
-
 def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
   extra = -x.shape[axis] % multiple
   if not extra:
@@ -301,7 +270,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attentio
         logits = logits.reshape(batch, kv_heads, groups, -1, block_k)
         if masked:
           visible = allowed(mask, slots, valid, positions, q_slots, q_positions)  # [B,bq|1,bk]
-          logits = jnp.where(visible[:, None, None], logits, _MASKED)
+          logits = jnp.where(visible[:, None, None], logits, MASKED)
           if padded_keys:
             logits = jnp.where((slots < keys)[None, None, None, None], logits, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
