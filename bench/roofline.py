@@ -70,6 +70,8 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   train_throughput.add_shape_args(parser)
   args = parser.parse_args()
+  from e2llm_jax import host_memory
+  host_memory.restart_with_huge_pages(args.dtype)  # the step as train.py runs it
   from e2llm_jax import assets, hf
   s = train_throughput.shapes(args)
   enc, _ = hf.load_encoder(str(assets.minilm_dir()))

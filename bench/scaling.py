@@ -18,6 +18,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _sides  # pylint: disable=wrong-import-position
+import train_throughput  # pylint: disable=wrong-import-position
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
   for count in counts:
     result = _sides.run_side(script, ["--side", "jax", "--dtype", args.dtype, "--batch=1",
                                       f"--chunks={count}", f"--steps={args.steps}"],
-                             args.side_timeout)
+                             args.side_timeout, env=train_throughput.train_env("jax", args.dtype))
     if "seconds" in result:
       seconds[count] = result["seconds"]
     print(f"{count} {_sides.fmt(result, 'seconds', 3)} {_sides.fmt(result, 'tokens_per_s', 0)} "

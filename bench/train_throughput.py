@@ -183,6 +183,14 @@ def torch_side(s: dict, dtype: str, steps: int, compile_model: bool) -> dict:
 SIDES = ("jax", "torch_eager", "torch_compile")
 
 
+def train_env(side: str, dtype: str) -> dict:
+  """Each side's process settings as its users run it: ours as train.py does (huge pages in
+  float32; they made PyTorch's eager step no faster and its first token slower, so its sides run
+  without)."""
+  from e2llm_jax import host_memory
+  return host_memory.huge_page_env(dtype) if side == "jax" else {}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -214,7 +222,8 @@ def main() -> None:
     for round_index in range(args.rounds):
       for side in (sides if round_index % 2 == 0 else sides[::-1]):
         runs[side].append(_sides.run_side(__file__, ["--side", side, "--dtype", dtype,
-                                                     *passthrough], args.side_timeout))
+                                                     *passthrough], args.side_timeout,
+                                          env=train_env(side, dtype)))
     best = {}
     for side, results in runs.items():
       ok = [r for r in results if "seconds" in r]

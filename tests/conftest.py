@@ -25,6 +25,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# train.py restarts itself once to ask glibc for huge pages (host_memory.py): a second start of
+# Python and the config per launch, ~80 s over the suite's tiny runs, for steps too small to gain.
+# Its own tests (test_host_memory.py) clear this.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
