@@ -12,10 +12,8 @@ import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
-_THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
 HUGE_PAGE_DTYPES = ("float32",)
+_THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def huge_page_env(compute_dtype: str, environ=os.environ) -> dict[str, str]:
