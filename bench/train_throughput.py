@@ -64,7 +64,7 @@ def jax_side(s: dict, dtype: str, steps: int) -> dict:
   return time_train_step(config, setup, mesh, random_batch(s), steps)
 
 
-def jax_setup(s: dict, dtype: str):
+def jax_setup(s: dict, dtype: str, scan_layers: bool = True):
   """(config, train setup, mesh) of our side: real towers, one-device mesh."""
   from e2llm_jax import assets, config_utils, sharding
   from e2llm_jax.training import state as state_lib
@@ -77,6 +77,7 @@ def jax_setup(s: dict, dtype: str):
   config.train.batch_size, config.data.max_chunks = s["batch"], s["chunks"]
   config.data.chunk_tokens = s["chunk_tokens"]
   config.mesh.shape = (1, 1, 1)
+  config.model.scan_layers = scan_layers
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   return config, state_lib.create_train_state(config, mesh), mesh
 

@@ -1,0 +1,101 @@
+"""Benchmark: our train step with its layers scanned (the default) against unrolled, per dtype.
+
+Ends with `unrolled_over_scanned_step_<dtype>=<unrolled step time / scanned>` for the last dtype.
+
+Both programs (`train_throughput.py`'s shapes and towers) are compiled in one process and timed in
+alternating rounds. It also counts, in the scanned program, the dynamic-update-slice fusions that
+convert a whole stack: XLA:CPU has no bfloat16 dynamic-update-slice, so each layer of a bf16 scan
+converts every stacked residual to float32 and back instead of writing one slice (a quadratic
+copy, and the reason unrolled layers train faster in bf16 on a CPU). The count falls to 0 where
+XLA writes bf16 slices in place.
+
+Usage: `python bench/scan_layers.py [--dtypes float32,bfloat16] [--steps 5] [--rounds 2]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _sides  # pylint: disable=wrong-import-position
+import train_throughput  # pylint: disable=wrong-import-position
+
+VARIANTS = (("scanned", True), ("unrolled", False))
+
+
+def whole_stack_converts(compiled) -> int:
+  """Fusions of the compiled step that write a dynamic-update-slice through a convert."""
+  return sum(1 for line in compiled.as_text().splitlines()
+             if " = " in line and "dynamic-update-slice_convert_fusion" in line.split(" = ")[0])
+
+
+def compare(s: dict, dtype: str, steps: int, rounds: int) -> dict:
+  import jax
+  runs = {}
+  for name, scan in VARIANTS:
+    config, setup, mesh = train_throughput.jax_setup(s, dtype, scan_layers=scan)
+    compiled, batch, compile_s = train_throughput.compile_train_step(
+        config, setup, mesh, train_throughput.random_batch(s))
+    runs[name] = {"step": compiled, "state": setup.state, "frozen": setup.frozen, "batch": batch,
+                  "times": [], "compile_s": compile_s,
+                  "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+                  "stack_converts": whole_stack_converts(compiled)}
+  for round_index in range(rounds):
+    order = list(runs.values()) if round_index % 2 == 0 else list(runs.values())[::-1]
+    for run in order:
+      state, metrics = run["step"](run["state"], run["frozen"], run["batch"])  # warm-up
+      jax.block_until_ready(metrics)
+      for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = run["step"](state, run["frozen"], run["batch"])
+        jax.block_until_ready(metrics)
+        run["times"].append(time.perf_counter() - start)
+      run["state"] = state
+  return {name: dict(seconds=statistics.median(run["times"]), **{
+      k: run[k] for k in ("compile_s", "temp_mb", "stack_converts")}) for name, run in runs.items()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  train_throughput.add_shape_args(parser)
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--side-timeout", type=float, default=1800)
+  parser.add_argument("--dtype", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  s = train_throughput.shapes(args)
+  if args.dtype:
+    _sides.emit(compare(s, args.dtype, args.steps, args.rounds))
+    return
+  print(f"# {_sides.machine()}; shapes {s}; {args.rounds} alternating rounds of {args.steps} steps")
+  print("dtype layers step_s compile_s temp_MB stack_converts")
+  ratio = None
+  for dtype in args.dtypes.split(","):
+    # Each dtype in its own process, with the host memory settings train.py gives it.
+    result = _sides.run_side(__file__, ["--dtype", dtype, f"--steps={args.steps}",
+                                        f"--rounds={args.rounds}", *_shape_flags(s)],
+                             args.side_timeout, env=train_throughput.train_env("jax", dtype))
+    if "scanned" not in result:
+      print(dtype, "failed:", result)
+      continue
+    for name, _ in VARIANTS:
+      r = result[name]
+      print(f"{dtype} {name} {r['seconds']:.3f} {r['compile_s']:.1f} {r['temp_mb']:.0f} "
+            f"{r['stack_converts']}")
+    ratio = (dtype, result["unrolled"]["seconds"] / result["scanned"]["seconds"])
+  if ratio:
+    print(f"unrolled_over_scanned_step_{ratio[0]}={ratio[1]:.3f}")
+
+
+def _shape_flags(s: dict) -> list[str]:
+  return [f"--{key.replace('_', '-')}={value}" for key, value in s.items()]
+
+
+if __name__ == "__main__":
+  main()
