@@ -19,7 +19,6 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -36,29 +35,22 @@ def whole_stack_converts(compiled) -> int:
 
 
 def compare(s: dict, dtype: str, steps: int, rounds: int) -> dict:
-  import jax
+  """Per layer layout: median step s, compile s, temporaries MB and whole-stack converts."""
   runs = {}
   for name, scan in VARIANTS:
     config, setup, mesh = train_throughput.jax_setup(s, dtype, scan_layers=scan)
     compiled, batch, compile_s = train_throughput.compile_train_step(
         config, setup, mesh, train_throughput.random_batch(s))
-    runs[name] = {"step": compiled, "state": setup.state, "frozen": setup.frozen, "batch": batch,
-                  "times": [], "compile_s": compile_s,
+    runs[name] = {"one": train_throughput.stepper(compiled, setup, batch), "times": [], "compile_s": compile_s,
                   "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20,
                   "stack_converts": whole_stack_converts(compiled)}
   for round_index in range(rounds):
     order = list(runs.values()) if round_index % 2 == 0 else list(runs.values())[::-1]
     for run in order:
-      state, metrics = run["step"](run["state"], run["frozen"], run["batch"])  # warm-up
-      jax.block_until_ready(metrics)
-      for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = run["step"](state, run["frozen"], run["batch"])
-        jax.block_until_ready(metrics)
-        run["times"].append(time.perf_counter() - start)
-      run["state"] = state
-  return {name: dict(seconds=statistics.median(run["times"]), **{
-      k: run[k] for k in ("compile_s", "temp_mb", "stack_converts")}) for name, run in runs.items()}
+      run["one"]()  # warm-up
+      run["times"] += _sides.timed(run["one"], steps)[1]
+  return {name: dict(seconds=statistics.median(run.pop("times")),
+                     **{k: v for k, v in run.items() if k != "one"}) for name, run in runs.items()}
 
 
 def main() -> None:
@@ -78,8 +70,8 @@ def main() -> None:
   ratio = None
   for dtype in args.dtypes.split(","):
     # Each dtype in its own process, with the host memory settings train.py gives it.
-    result = _sides.run_side(__file__, ["--dtype", dtype, f"--steps={args.steps}",
-                                        f"--rounds={args.rounds}", *_shape_flags(s)],
+    result = _sides.run_side(__file__, ["--dtype", dtype, f"--rounds={args.rounds}",
+                                        *train_throughput.shape_flags(args)],
                              args.side_timeout, env=train_throughput.train_env("jax", dtype))
     if "scanned" not in result:
       print(dtype, "failed:", result)
@@ -91,10 +83,6 @@ def main() -> None:
     ratio = (dtype, result["unrolled"]["seconds"] / result["scanned"]["seconds"])
   if ratio:
     print(f"unrolled_over_scanned_step_{ratio[0]}={ratio[1]:.3f}")
-
-
-def _shape_flags(s: dict) -> list[str]:
-  return [f"--{key.replace('_', '-')}={value}" for key, value in s.items()]
 
 
 if __name__ == "__main__":

@@ -97,21 +97,26 @@ def compile_train_step(config, setup, mesh, batch: dict):
 
 def time_train_step(config, setup, mesh, batch: dict, steps: int, print_memory: bool = False) -> dict:
   """Compile the jitted train step ahead of time, then the median of `steps` timed steps."""
-  import jax
   from e2llm_jax.training import step as step_lib
   compiled, batch, compile_s = compile_train_step(config, setup, mesh, batch)
   if print_memory:
     print(step_lib.memory_report(compiled), flush=True)
+  one = stepper(compiled, setup, batch)
+  one()
+  median, times = _sides.timed(one, steps)
+  return {"seconds": median, "times": times, "compile_s": compile_s}
+
+
+def stepper(compiled, setup, batch: dict):
+  """One blocking call of the compiled train step that carries its state from call to call."""
+  import jax
   state = setup.state
 
   def one():
     nonlocal state
     state, metrics = compiled(state, setup.frozen, batch)
     jax.block_until_ready(metrics)
-
-  one()
-  median, times = _sides.timed(one, steps)
-  return {"seconds": median, "times": times, "compile_s": compile_s}
+  return one
 
 
 def add_shape_args(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +128,12 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--query", type=int, default=64)
   parser.add_argument("--target", type=int, default=64)
   parser.add_argument("--steps", type=int, default=5)
+
+
+def shape_flags(args) -> list[str]:
+  """The `add_shape_args` flags with their values, for a side run in its own process."""
+  return [f"--{key.replace('_', '-')}={value}"
+          for key, value in dict(shapes(args), steps=args.steps).items()]
 
 
 def torch_side(s: dict, dtype: str, steps: int, compile_model: bool) -> dict:
@@ -215,8 +226,7 @@ def main() -> None:
   print(f"# {_sides.machine()}; shapes {s}; {tokens_per_step(s)} tokens per step")
   print("dtype side step_s tokens_per_s compile_s peak_MB")
   sides = [x for x in SIDES if not (args.no_compile and x == "torch_compile")]
-  passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k in ("batch", "chunks", "chunk_tokens", "prefix", "query", "target", "steps")]
+  passthrough = shape_flags(args)
   ratios = {}
   for dtype in args.dtypes.split(","):
     runs = {x: [] for x in sides}
