@@ -124,6 +124,42 @@ def test_dense_kernel_matches_jax_dot_product_attention(per_head):
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=6e-2, rtol=6e-2)
 
 
+def test_dense_kernel_in_groups_gives_the_same_numbers():
+  """The batch taken 2 sequences at a time (5 = 2 + 2 + a remainder of 1): the same outputs and
+  gradients as all at once."""
+  batch, length, keys = 5, 9, 13
+  q, k, v = _qkv(jax.random.key(7), batch, length, keys, heads=6, kv_heads=2)
+  rng = np.random.default_rng(7)
+  mask = rng.random((batch, 1, length, keys)) > 0.4
+  mask[0, 0, 2] = False  # a query with no visible key
+  mask = jnp.asarray(mask)
+  weights = jax.random.normal(jax.random.key(8), q.shape)
+  run = lambda group: jax.jit(jax.value_and_grad(
+      lambda q, k, v: jnp.sum(attention.dense_attention(q, k, v, mask, group) * weights),
+      (0, 1, 2)))(q, k, v)
+  (want_loss, want_grads), (got_loss, got_grads) = run(0), run(2)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=TOL)
+  for got, want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+  np.testing.assert_allclose(attention.dense_attention(q, k, v, mask, 2),
+                             attention.dense_attention(q, k, v, mask), atol=TOL, rtol=TOL)
+
+
+def test_cache_group_sizes():
+  """Powers of two whose float32 logits fit the cache budget; 0 for a batch whose logits are
+  small enough to take at once."""
+  from e2llm_jax.models import dense_kernel
+  minilm_chunk = 12 * 128 * 128 * 4  # bytes of one chunk's logits
+  group = dense_kernel.cache_group((64, 128, 12, 32), 128)
+  assert group & (group - 1) == 0 and group * minilm_chunk <= dense_kernel.CACHE_GROUP_BYTES
+  assert 2 * group * minilm_chunk > dense_kernel.CACHE_GROUP_BYTES
+  assert dense_kernel.cache_group((16, 128, 12, 32), 128) == group  # 12.6 MB: split
+  assert dense_kernel.cache_group((4, 176, 9, 64), 176) == 0  # 4.5 MB: at once
+  assert dense_kernel.cache_group((8, 1024, 16, 64), 1024) == 1  # 64 MB a sequence
+  # With several devices (the suite runs 8 CPU ones) the batch may be sharded: never split.
+  assert jax.device_count() > 1 and attention._cpu_cache_group((64, 128, 12, 32), 128) == 0
+
+
 def test_dense_kernel_backward_keeps_no_float_logits():
   """Of [T,S], the dense kernel keeps only the boolean mask for its backward; jax's autodiff of
   the same softmax kept float32 probabilities, one [T,S] per head and layer."""

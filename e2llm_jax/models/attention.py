@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from e2llm_jax.models.dense_kernel import MASKED, dense_attention
+from e2llm_jax.models.dense_kernel import MASKED, cache_group, dense_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 # "auto" stays dense while one head's logits hold at most this many entries (1024², 4 MB in
@@ -121,7 +121,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, implementatio
   dense = mask if dense_given else mask.dense()
   if kind == "cudnn":  # asked for by name with another mask: cuDNN takes it as a full-size bias
     return _cudnn(q, k, v, mask=jnp.broadcast_to(dense, (*dense.shape[:2], q.shape[1], k.shape[1])))
-  return dense_attention(q, k, v, dense)
+  return dense_attention(q, k, v, dense, _cpu_cache_group(q.shape, k.shape[1]))
+
+
+def _cpu_cache_group(q_shape, keys: int) -> int:
+  # One CPU device only: over a batch sharded across devices, a loop over groups would gather it.
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    return 0
+  return cache_group(q_shape, keys)
 
 
 # The fused GPU kernel; a test stands jax's reference implementation in for it on the CPU.

@@ -3,6 +3,7 @@
 Its backward is written by hand and recomputes the probabilities, so no float [T,S] tensor outlives a layer.
 """
 
+import functools
 import math
 
 import jax
@@ -10,10 +11,31 @@ import jax.numpy as jnp
 
 # jax.nn.dot_product_attention's value for masked logits: a row with no visible key averages them.
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# On a CPU a batch whose float32 logits pass SPLIT_ABOVE_BYTES goes through the kernel a group of
+# sequences at a time, the most (a power of two) whose logits fit in CACHE_GROUP_BYTES, so that a
+# group's [T,S] tensors stay in cache from one dot to the next. MiniLM's attention over 64 chunks
+# of 128 tokens (50 MB of logits, 4 chunks a group) took 0.8x the time forward and backward and
+# 0.7x forward alone, over 16 chunks (13 MB) 0.8x forward; SmolLM2's training batch (4 MB) gained
+# nothing (bench/RESULTS.md, 2026-12-06).
+SPLIT_ABOVE_BYTES = 8 * 2**20
+CACHE_GROUP_BYTES = 4 * 2**20
 
 
-@jax.custom_vjp
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def cache_group(q_shape: tuple[int, ...], keys: int) -> int:
+  """Sequences per group for `dense_attention(group=...)` on a CPU; 0: the batch at once."""
+  batch, length, heads, _ = q_shape
+  per_sequence = heads * length * keys * 4
+  if batch * per_sequence <= SPLIT_ABOVE_BYTES:
+    return 0
+  group = 1
+  while group * 2 * per_sequence <= CACHE_GROUP_BYTES:
+    group *= 2
+  return group if group < batch else 0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    group: int = 0) -> jax.Array:
   """Attention over whole [T,S] logits per head: the "xla" kernel, for short sequences.
 
   Heads are moved in front before the dots, the scale goes on q rather than on the logits, and
@@ -23,8 +45,25 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
   The backward is written by hand (`_dense_backward`): it keeps q, k, v, the output and each
   row's peak and normaliser, and recomputes the probabilities, so of [T,S] only the boolean mask
   outlives the layer (jax's own autodiff kept every layer's float32 probabilities for the backward).
+  `group` > 0 runs forward and backward over the batch that many sequences at a time
+  (`cache_group`); the numbers are the same.
   """
-  return _dense_forward(q, k, v, mask)[0]
+  return _grouped_forward(q, k, v, mask, group)[0]
+
+
+def _over_groups(fn, group: int, *arrays):
+  """`fn` over the arrays' batch, `group` sequences at a time (0: all at once), outputs rejoined."""
+  batch = arrays[0].shape[0]
+  if not group or group >= batch:
+    return fn(*arrays)
+  whole = batch // group * group
+  grouped = lambda x: x[:whole].reshape(batch // group, group, *x.shape[1:])
+  outs = jax.lax.map(lambda xs: fn(*xs), tuple(grouped(x) for x in arrays))
+  outs = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), outs)
+  if whole < batch:
+    rest = fn(*(x[whole:] for x in arrays))
+    outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, rest)
+  return outs
 
 
 def _grouped_queries(q: jax.Array, kv_heads: int) -> jax.Array:
@@ -75,13 +114,23 @@ def _dense_forward(q, k, v, mask):
   out = _ungrouped(out, q.shape).astype(q.dtype)
   # peak and 1/denom rather than their log-sum-exp: a row that sees nothing has peak = MASKED,
   # and MASKED + log(S) rounds back to MASKED, which would make every probability 1.
-  return out, (q, k, v, mask, out, peak, 1.0 / denom)
+  return out, (peak, 1.0 / denom)
 
 
-def _dense_backward(residuals, d_out):
+def _grouped_forward(q, k, v, mask, group):
+  out, (peak, inverse_denom) = _over_groups(_dense_forward, group, q, k, v, mask)
+  return out, (q, k, v, mask, out, peak, inverse_denom)
+
+
+def _grouped_backward(group, residuals, d_out):
+  return (*_over_groups(_dense_backward, group, *residuals, d_out), None)
+
+
+def _dense_backward(q, k, v, mask, out, peak, inverse_denom, d_out):
   """Softmax attention's gradients from the recomputed probabilities P = exp(logits − peak)/denom:
-  dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)) where a key is visible, dQ = dS K, dK = dSᵀ Q."""
-  q, k, v, mask, out, peak, inverse_denom = residuals
+  dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)) where a key is visible, dQ = dS K, dK = dSᵀ Q.
+  dV and dK are computed transposed ([H,S] per head, contracting the queries of both operands'
+  leading axis), which XLA:CPU ran 1.5x faster than Pᵀ dO itself."""
   scaled_q, k_first, v_first = _scaled_grouped(q, k, v)
   logits, visible = _dense_logits(scaled_q, k_first, mask, q.shape)
   probs = jnp.exp(logits - peak) * inverse_denom
@@ -89,16 +138,16 @@ def _dense_backward(residuals, d_out):
   d_out = _grouped_queries(d_out, kv_heads)
   row_dot = jnp.sum(d_out.astype(jnp.float32) * _grouped_queries(out, kv_heads).astype(jnp.float32),
                     axis=-1, keepdims=True)
-  d_v = jnp.einsum("bkqs,bkqh->bksh", probs.astype(v.dtype), d_out,
+  d_v = jnp.einsum("bkqh,bkqs->bkhs", d_out, probs.astype(v.dtype),
                    preferred_element_type=jnp.float32)
   d_probs = jnp.einsum("bkqh,bksh->bkqs", d_out, v_first, preferred_element_type=jnp.float32)
   # A row that sees nothing averages the values without looking at its logits: no dS there.
   d_logits = jnp.where(visible, probs * (d_probs - row_dot), 0.0).astype(q.dtype)
   d_q = jnp.einsum("bkqs,bksh->bkqh", d_logits, k_first, preferred_element_type=jnp.float32)
   d_q = _ungrouped(d_q * (1.0 / math.sqrt(q.shape[-1])), q.shape)
-  d_k = jnp.einsum("bkqs,bkqh->bksh", d_logits, scaled_q, preferred_element_type=jnp.float32)
-  last = lambda x: x.transpose(0, 2, 1, 3)  # [B,K,S,H] → [B,S,K,H]
-  return d_q.astype(q.dtype), last(d_k).astype(k.dtype), last(d_v).astype(v.dtype), None
+  d_k = jnp.einsum("bkqh,bkqs->bkhs", scaled_q, d_logits, preferred_element_type=jnp.float32)
+  last = lambda x: x.transpose(0, 3, 1, 2)  # [B,K,H,S] → [B,S,K,H]
+  return d_q.astype(q.dtype), last(d_k).astype(k.dtype), last(d_v).astype(v.dtype)
 
 
-dense_attention.defvjp(_dense_forward, _dense_backward)
+dense_attention.defvjp(_grouped_forward, _grouped_backward)
