@@ -42,6 +42,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/train_throughput.py --dtypes bfloat16 --steps 2 --no-compile
 	$(PY) bench/roofline.py --steps 2
 	$(PY) bench/scaling.py --steps 2
+	$(PY) bench/attention_kernel.py
 
 clean:
 	rm -rf $(VENV) workdirs
