@@ -14,9 +14,9 @@ MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 # On a CPU a batch whose float32 logits pass SPLIT_ABOVE_BYTES goes through the kernel a group of
 # sequences at a time, the most (a power of two) whose logits fit in CACHE_GROUP_BYTES, so that a
 # group's [T,S] tensors stay in cache from one dot to the next. MiniLM's attention over 64 chunks
-# of 128 tokens (50 MB of logits, 4 chunks a group) took 0.8x the time forward and backward and
-# 0.7x forward alone, over 16 chunks (13 MB) 0.8x forward; SmolLM2's training batch (4 MB) gained
-# nothing (bench/RESULTS.md, 2026-12-06).
+# of 128 tokens (50 MB of logits, 4 chunks a group) took 0.67-0.84x the time forward and backward
+# and 0.37-0.63x forward alone (4 KB pages and huge pages), over 16 chunks (13 MB) 0.79x forward;
+# SmolLM2's training batch (4.5 MB) gained nothing (bench/RESULTS.md, 2026-12-06).
 SPLIT_ABOVE_BYTES = 8 * 2**20
 CACHE_GROUP_BYTES = 4 * 2**20
 
