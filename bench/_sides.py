@@ -35,6 +35,18 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
+def alternating(calls: dict, rounds: int, repeats: int) -> dict:
+  """Wall seconds of `repeats` calls of each blocking call in `calls` (name → fn) per round, in one
+  process: a warm-up call first in every round, the order reversed every other round."""
+  times = {name: [] for name in calls}
+  for round_index in range(rounds):
+    order = list(calls) if round_index % 2 == 0 else list(calls)[::-1]
+    for name in order:
+      calls[name]()
+      times[name] += timed(calls[name], repeats)[1]
+  return times
+
+
 def emit(result: dict) -> None:
   """The side's result, with its peak memory, as the last line of its output."""
   result = dict(result, peak_rss_mb=round(peak_rss_mb(), 1))

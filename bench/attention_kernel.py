@@ -18,7 +18,6 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -57,16 +56,9 @@ def programs(shape: tuple) -> tuple[dict, int]:
 def timed_rounds(runs: dict, rounds: int, repeats: int) -> dict:
   """Median ms of each program over alternating rounds."""
   import jax
-  times = {key: [] for key in runs}
-  for fn, args in runs.values():
-    jax.block_until_ready(fn(*args))
-  for round_index in range(rounds):
-    order = list(runs.items()) if round_index % 2 == 0 else list(runs.items())[::-1]
-    for key, (fn, args) in order:
-      for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times[key].append(time.perf_counter() - start)
+  calls = {key: (lambda fn=fn, args=args: jax.block_until_ready(fn(*args)))
+           for key, (fn, args) in runs.items()}
+  times = _sides.alternating(calls, rounds, repeats)
   return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
 

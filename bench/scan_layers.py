@@ -41,16 +41,11 @@ def compare(s: dict, dtype: str, steps: int, rounds: int) -> dict:
     config, setup, mesh = train_throughput.jax_setup(s, dtype, scan_layers=scan)
     compiled, batch, compile_s = train_throughput.compile_train_step(
         config, setup, mesh, train_throughput.random_batch(s))
-    runs[name] = {"one": train_throughput.stepper(compiled, setup, batch), "times": [], "compile_s": compile_s,
+    runs[name] = {"one": train_throughput.stepper(compiled, setup, batch), "compile_s": compile_s,
                   "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20,
                   "stack_converts": whole_stack_converts(compiled)}
-  for round_index in range(rounds):
-    order = list(runs.values()) if round_index % 2 == 0 else list(runs.values())[::-1]
-    for run in order:
-      run["one"]()  # warm-up
-      run["times"] += _sides.timed(run["one"], steps)[1]
-  return {name: dict(seconds=statistics.median(run.pop("times")),
-                     **{k: v for k, v in run.items() if k != "one"}) for name, run in runs.items()}
+  times = _sides.alternating({name: run.pop("one") for name, run in runs.items()}, rounds, steps)
+  return {name: dict(seconds=statistics.median(times[name]), **run) for name, run in runs.items()}
 
 
 def main() -> None:

@@ -27,10 +27,10 @@ def cache_group(q_shape: tuple[int, ...], keys: int) -> int:
   per_sequence = heads * length * keys * 4
   if batch * per_sequence <= SPLIT_ABOVE_BYTES:
     return 0
-  group = 1
+  group = 1  # below the whole batch: its logits pass SPLIT_ABOVE_BYTES > CACHE_GROUP_BYTES
   while group * 2 * per_sequence <= CACHE_GROUP_BYTES:
     group *= 2
-  return group if group < batch else 0
+  return group
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
