@@ -5,16 +5,16 @@ Same flags as train.py; evaluates the newest checkpoint (or `eval.step`) in DIR 
 
 import json
 
-from e2llm_jax import cli, config_utils, preflight
+from e2llm_jax import cli, launch, preflight
 
-_CONFIG, _WORKDIR = config_utils.define_cli_flags("Run folder holding the checkpoints to evaluate.")
+_CONFIG, _WORKDIR = launch.define_cli_flags("Run folder holding the checkpoints to evaluate.")
 
 
 def main(argv):
-  config_utils.check_no_extra_args(argv)
+  launch.check_no_extra_args(argv)
   config, workdir = _CONFIG.value, _WORKDIR.value
   preflight.check_eval(config, workdir)
-  config_utils.maybe_initialize_distributed(config)
+  launch.maybe_initialize_distributed(config)
   preflight.check_devices(config)
   cli.remove_on_failure(workdir)  # only what this evaluation adds; the run's files stay
   from e2llm_jax.evaluation import suite  # late: config errors above stay fast
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, flags_parser=config_utils.parse_flags)  # the parser also validates the config
+  cli.run(main, flags_parser=launch.parse_flags)  # the parser also validates the config

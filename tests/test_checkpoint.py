@@ -230,9 +230,9 @@ def test_fingerprint_mismatch_names_tower_paths_and_fix(tmp_path):
 TWO_PROCESS_WORKER = r"""
 import sys
 import numpy as np
-from e2llm_jax import checkpoint, config_utils
+from e2llm_jax import checkpoint, config_utils, launch
 
-assert config_utils.maybe_initialize_distributed(config_utils.base_config())
+assert launch.maybe_initialize_distributed(config_utils.base_config())
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from e2llm_jax import config_utils
+from e2llm_jax import config_utils, launch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_NAMES = sorted(path.name for path in (ROOT / "configs").glob("*.py")
@@ -190,10 +190,10 @@ def test_validate_collects_problems():
     ({"OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI"),
 ])
 def test_distributed_launch_detection(environ, reason):
-  found = config_utils.distributed_launch_reason(environ)
+  found = launch.distributed_launch_reason(environ)
   assert (found is None) if reason is None else (reason in found)
 
 
 def test_single_process_run_does_not_initialize():
   config = config_utils.base_config()
-  assert not config_utils.maybe_initialize_distributed(config, environ={})
+  assert not launch.maybe_initialize_distributed(config, environ={})
