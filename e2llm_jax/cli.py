@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import os
 import pathlib
+import select
 import shutil
 import signal
 import sys
@@ -114,6 +115,16 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
                                    "checkpoint)")
 
 
+def _stdout_reader_gone() -> bool:
+  """Whether standard output is a pipe whose reader has closed it (Linux reports POLLERR)."""
+  try:
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(event & select.POLLERR for _, event in poller.poll(0))
+  except (AttributeError, OSError, ValueError):  # no poll, or stdout is not a real file
+    return False
+
+
 def call(function: Callable[..., Any], *args: Any) -> Any:
   """`function(*args)`, ending the process the CLI way on a user error, a signal or a bug."""
   try:
@@ -130,6 +141,12 @@ def call(function: Callable[..., Any], *args: Any) -> Any:
     print(stop.message, file=sys.stderr)
     sys.exit(stop.exit_code)
   except Exception as error:  # pylint: disable=broad-except
+    if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
+      # `... | head` closed our output: stop quietly, as a tool killed by SIGPIPE would. Standard
+      # output goes to /dev/null so that the interpreter's last flush does not fail once more.
+      _clean_up()
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      sys.exit(128 + signal.SIGPIPE)
     message = user_message(error)
     if message is None or debug_enabled():
       traceback.print_exc()

@@ -336,3 +336,31 @@ def test_debug_shows_the_traceback(files, env):
     result = _run("train", args + extra_args, {**env, **extra_env})
     assert result.returncode == 2 and "is a file" in error_lines(result.stderr)[0]
     assert ("Traceback" in result.stderr) == bool(extra_args or extra_env), result.stderr[-2000:]
+
+
+# A CLI through `cli.run` that creates a folder, then writes far more than a pipe holds.
+PIPED_CLI = '''
+import sys
+from e2llm_jax import cli
+
+def main(argv):
+  out, = argv
+  cli.remove_on_failure(out)
+  __import__("os").makedirs(out)
+  for i in range(10 ** 6):
+    print("line", i)
+
+cli.run(main)
+'''
+
+
+def test_closed_output_pipe_stops_quietly_and_leaves_nothing(tmp_path):
+  out = tmp_path / "out"
+  process = subprocess.Popen([sys.executable, "-c", PIPED_CLI, str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=ROOT)
+  assert process.stdout.readline().startswith(b"line 0")
+  process.stdout.close()  # as `| head -1` does: the rest has no reader
+  stderr = process.stderr.read().decode()
+  assert process.wait(timeout=TIMEOUT_S) == 128 + 13, stderr  # 13: SIGPIPE
+  assert stderr == "", stderr
+  assert not out.exists()
