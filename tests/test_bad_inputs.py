@@ -340,13 +340,13 @@ def test_debug_shows_the_traceback(files, env):
 
 # A CLI through `cli.run` that creates a folder, then writes far more than a pipe holds.
 PIPED_CLI = '''
-import sys
+import os
 from e2llm_jax import cli
 
 def main(argv):
   out, = argv
   cli.remove_on_failure(out)
-  __import__("os").makedirs(out)
+  os.makedirs(out)
   for i in range(10 ** 6):
     print("line", i)
 

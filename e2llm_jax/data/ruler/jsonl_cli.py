@@ -10,13 +10,12 @@ import pathlib
 import sys
 from typing import Sequence
 
-from e2llm_jax import errors
+from e2llm_jax import cli, errors
 from e2llm_jax.data.ruler.generation import check_length, generate, write_jsonl
 from e2llm_jax.data.ruler.spec import QUESTION_POOLS, TASKS
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  from e2llm_jax import cli  # pylint: disable=g-import-not-at-top
   parser = cli.ArgumentParser(
       prog="python -m e2llm_jax.data.ruler",
       description="Write RULER synthetic samples as jsonl, sized in a decoder tokenizer's tokens.")
@@ -49,7 +48,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   for task, _ in targets:  # every length problem before any file is written
     check_length(task, args.max_seq_length)
   # Imported here: heavy, and only the CLI needs it.
-  from e2llm_jax import cli  # pylint: disable=g-import-not-at-top
   from e2llm_jax.hf import load_tokenizer  # pylint: disable=g-import-not-at-top
   tokenizer = load_tokenizer(args.tokenizer)
   cli.remove_on_failure(out)
