@@ -71,16 +71,25 @@ def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = 
 
 
 def machine() -> str:
-  """CPU model, core count, date: the context every figure needs."""
+  """CPU model, core count, date: the context every figure needs.
+
+  The CPU family and model numbers go with the name because a virtual machine's name can be just
+  "AMD EPYC" for generations whose float32 matmul rates differ twofold (bench/RESULTS.md).
+  """
   model = platform.processor() or "unknown CPU"
+  fields = {}
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
+        key, _, value = line.partition(":")
+        if not line.strip():
+          break  # the first processor's block is enough
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
+  if "model name" in fields:
+    family, number = fields.get("cpu family", "?"), fields.get("model", "?")
+    model = f"{fields['model name']} (family {family} model {number})"
   when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   return f"{model}, {os.cpu_count()} cores, {when}"
 
