@@ -81,9 +81,9 @@ def machine() -> str:
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        key, _, value = line.partition(":")
         if not line.strip():
           break  # the first processor's block is enough
+        key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
