@@ -9,6 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from e2llm_jax.models import packing
+
 # jax.nn.dot_product_attention's value for masked logits: a row with no visible key averages them.
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 # On a CPU a batch whose float32 logits pass SPLIT_ABOVE_BYTES goes through the kernel a group of
@@ -58,8 +60,8 @@ def _over_groups(fn, group: int, *arrays):
     return fn(*arrays)
   whole = batch // group * group
   grouped = lambda x: x[:whole].reshape(batch // group, group, *x.shape[1:])
-  outs = jax.lax.map(lambda xs: fn(*xs), tuple(grouped(x) for x in arrays))
-  outs = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), outs)
+  outs = jax.lax.map(lambda xs: packing.pack(fn(*xs)), tuple(grouped(x) for x in arrays))
+  outs = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), packing.unpack(outs))
   if whole < batch:
     rest = fn(*(x[whole:] for x in arrays))
     outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, rest)
@@ -119,11 +121,11 @@ def _dense_forward(q, k, v, mask):
 
 def _grouped_forward(q, k, v, mask, group):
   out, (peak, inverse_denom) = _over_groups(_dense_forward, group, q, k, v, mask)
-  return out, (q, k, v, mask, out, peak, inverse_denom)
+  return out, packing.pack((q, k, v, mask, out, peak, inverse_denom))
 
 
 def _grouped_backward(group, residuals, d_out):
-  return (*_over_groups(_dense_backward, group, *residuals, d_out), None)
+  return (*_over_groups(_dense_backward, group, *packing.unpack(residuals), d_out), None)
 
 
 def _dense_backward(q, k, v, mask, out, peak, inverse_denom, d_out):

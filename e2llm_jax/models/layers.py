@@ -11,9 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from e2llm_jax.models import attention as attention_lib
+from e2llm_jax.models import packing
 
 Dtype = Any
 LORA_COLLECTION = "lora"
+
+
+def _times_derivative(g: jax.Array, x: jax.Array, derivative: Callable[[jax.Array], jax.Array]):
+  return (g.astype(jnp.float32) * derivative(x.astype(jnp.float32))).astype(g.dtype)
 
 
 def _with_recomputed_derivative(fn: Callable[[jax.Array], jax.Array],
@@ -27,11 +32,28 @@ def _with_recomputed_derivative(fn: Callable[[jax.Array], jax.Array],
   """
   wrapped = jax.custom_vjp(fn)
 
-  def grad(x, g):
-    return ((g.astype(jnp.float32) * derivative(x.astype(jnp.float32))).astype(g.dtype),)
+  def grad(packed_x, g):
+    return (_times_derivative(g, packing.unpack(packed_x), derivative),)
 
-  wrapped.defvjp(lambda x: (fn(x), x), grad)
+  wrapped.defvjp(lambda x: (fn(x), packing.pack(x)), grad)
   return wrapped
+
+
+def _gated_with_recomputed_derivative(fn: Callable[[jax.Array], jax.Array],
+                                      derivative: Callable[[jax.Array], jax.Array]):
+  """`(gate, up) → fn(gate) * up` whose backward keeps only gate and up and recomputes fn(gate):
+  autodiff would keep fn(gate) as a third [tokens, mlp] array per layer. Same gradients as
+  autodiff through `_with_recomputed_derivative(fn)`."""
+  @jax.custom_vjp
+  def gated(gate, up):
+    return fn(gate) * up
+
+  def grad(packed, g):
+    gate, up = packing.unpack(packed)
+    return _times_derivative(g * up, gate, derivative), g * fn(gate)
+
+  gated.defvjp(lambda gate, up: (gated(gate, up), packing.pack((gate, up))), grad)
+  return gated
 
 
 def _gelu_derivative(x):
@@ -55,6 +77,9 @@ def _gelu_erf(x):
 # The exact (erf) GELU, HF's "gelu"; jax.nn.gelu defaults to the tanh approximation.
 gelu_exact = _with_recomputed_derivative(_gelu_erf, _gelu_derivative)
 silu = _with_recomputed_derivative(jax.nn.silu, _silu_derivative)
+_GATED = {"gelu": _gated_with_recomputed_derivative(_gelu_erf, _gelu_derivative),
+          "silu": _gated_with_recomputed_derivative(jax.nn.silu, _silu_derivative)}
+_GATED["swish"] = _GATED["silu"]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu_exact,
@@ -72,17 +97,49 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
+def gated_activation(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`(gate, up) → activation(name)(gate) * up`, the gated MLP's product."""
+  if name in _GATED:
+    return _GATED[name]
+  act = activation(name)
+  return lambda gate, up: act(gate) * up
+
+
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """`x @ w` accumulated in float32 and returned in x's dtype, as HF computes it.
 
   On CPU a bfloat16 dot is asked for a float32 result, then rounded: XLA:CPU runs bf16 x bf16 ->
-  f32 dots 3-4x faster than bf16 -> bf16 ones on an AMX-capable Xeon (bench/RESULTS.md). GPUs and
-  TPUs accumulate in float32 anyway, and there a float32 result only doubles the bytes written and
-  read again: plain bf16 dots ran GTE-large 9% faster on an H200.
+  f32 dots 2-4x faster than bf16 -> bf16 ones, through AMX or AVX512-BF16 (bench/RESULTS.md).
+  GPUs and TPUs accumulate in float32 anyway, and there a float32 result only doubles the bytes
+  written and read again: plain bf16 dots ran GTE-large 9% faster on an H200.
   """
   if x.dtype == jnp.float32 or jax.default_backend() != "cpu":
     return x @ w
+  return _cpu_low_precision_matmul(x, w)
+
+
+@jax.custom_vjp
+def _cpu_low_precision_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """A CPU bf16 matmul whose backward dots are bf16 x bf16 -> f32 as well: autodiff's own
+  transposes multiply the float32 cotangent by a bf16 operand, which XLA:CPU widens to a float32
+  dot. Its residuals are packed (`packing`), so a layer scan stacks them in place."""
   return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _cpu_matmul_forward(x, w):
+  return _cpu_low_precision_matmul(x, w), packing.pack((x, w))
+
+
+def _cpu_matmul_backward(residuals, d_y):
+  x, w = packing.unpack(residuals)
+  batch_axes = tuple(range(x.ndim - 1))
+  d_x = jnp.matmul(d_y, w.T, preferred_element_type=jnp.float32)
+  d_w = jax.lax.dot_general(x, d_y, ((batch_axes, batch_axes), ((), ())),
+                            preferred_element_type=jnp.float32)
+  return d_x.astype(x.dtype), d_w.astype(w.dtype)
+
+
+_cpu_low_precision_matmul.defvjp(_cpu_matmul_forward, _cpu_matmul_backward)
 
 
 class Dense(nn.Module):

@@ -149,7 +149,7 @@ class MLP(nn.Module):
     gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x, deterministic)
     up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x, deterministic)
     return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(
-        layers.activation(cfg.hidden_act)(gate) * up, deterministic)
+        layers.gated_activation(cfg.hidden_act)(gate, up), deterministic)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,40 @@
+"""16-bit floats carried as uint16 through the places where XLA:CPU would widen them to float32:
+values saved for a backward pass, and the per-iteration outputs a scan or map stacks.
+
+XLA:CPU has no bfloat16 dynamic-update-slice: a scan that writes one layer's bf16 slice into its
+stack converts the whole stack to float32 and back, every iteration (the train step's residual
+stacks: 20% of its op time in bfloat16, bench/RESULTS.md). The same bits as uint16 are written in
+place. Other backends keep their arrays as they are.
+"""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class Packed:
+  """A 16-bit float array's bits, and the dtype they come back as."""
+  bits: jax.Array
+  dtype: Any = flax.struct.field(pytree_node=False)
+
+
+def _packable(x) -> bool:
+  return (isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+          and jnp.dtype(x.dtype).itemsize == 2 and jax.default_backend() == "cpu")
+
+
+def pack(tree: Any) -> Any:
+  """`tree` with every 16-bit float array (on a CPU) replaced by its `Packed` bits."""
+  return jax.tree.map(
+      lambda x: Packed(jax.lax.bitcast_convert_type(x, jnp.uint16), x.dtype) if _packable(x) else x,
+      tree)
+
+
+def unpack(tree: Any) -> Any:
+  """The inverse of `pack`."""
+  return jax.tree.map(
+      lambda x: jax.lax.bitcast_convert_type(x.bits, x.dtype) if isinstance(x, Packed) else x,
+      tree, is_leaf=lambda x: isinstance(x, Packed))
