@@ -4,10 +4,10 @@ Ends with `unrolled_over_scanned_step_<dtype>=<unrolled step time / scanned>` fo
 
 Both programs (`train_throughput.py`'s shapes and towers) are compiled in one process and timed in
 alternating rounds. It also counts, in the scanned program, the dynamic-update-slice fusions that
-convert a whole stack: XLA:CPU has no bfloat16 dynamic-update-slice, so each layer of a bf16 scan
-converts every stacked residual to float32 and back instead of writing one slice (a quadratic
-copy, and the reason unrolled layers train faster in bf16 on a CPU). The count falls to 0 where
-XLA writes bf16 slices in place.
+convert a whole stack: XLA:CPU has no bfloat16 dynamic-update-slice, so a bf16 stack would be
+converted to float32 and back by every layer instead of having one slice written (a quadratic
+copy). `models/packing.py` carries the residuals as uint16 to avoid it; what the count still finds
+are the norms' [1,1,hidden] scales.
 
 Usage: `python bench/scan_layers.py [--dtypes float32,bfloat16] [--steps 5] [--rounds 2]`.
 """

@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.remat_policy = "nothing_saveable"  # REMAT_POLICIES; used when remat
   # Layers under lax.scan over stacked params: compile time stays flat in depth. False unrolls them
-  # (faster for bfloat16 training on a CPU, where XLA rewrites bf16 scan stacks whole: README).
+  # (the layout of runs written before scanning existed: README).
   c.model.scan_layers = True
   # auto | xla (dense) | blockwise (online softmax, no [T,S]) | cudnn (GPU) | pallas (TPU splash);
   # auto: dense for short sequences, blockwise for long ones, cudnn on GPU, pallas on TPU.
