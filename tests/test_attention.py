@@ -124,11 +124,14 @@ def test_dense_kernel_matches_jax_dot_product_attention(per_head):
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=6e-2, rtol=6e-2)
 
 
-def test_dense_kernel_in_groups_gives_the_same_numbers():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_kernel_in_groups_gives_the_same_numbers(dtype):
   """The batch taken 2 sequences at a time (5 = 2 + 2 + a remainder of 1): the same outputs and
-  gradients as all at once."""
+  gradients as all at once (in bfloat16 the groups' outputs are stacked as uint16 bits)."""
   batch, length, keys = 5, 9, 13
-  q, k, v = _qkv(jax.random.key(7), batch, length, keys, heads=6, kv_heads=2)
+  tol = TOL if dtype == jnp.float32 else 1e-2
+  q, k, v = (x.astype(dtype) for x in
+             _qkv(jax.random.key(7), batch, length, keys, heads=6, kv_heads=2))
   rng = np.random.default_rng(7)
   mask = rng.random((batch, 1, length, keys)) > 0.4
   mask[0, 0, 2] = False  # a query with no visible key
@@ -138,11 +141,13 @@ def test_dense_kernel_in_groups_gives_the_same_numbers():
       lambda q, k, v: jnp.sum(attention.dense_attention(q, k, v, mask, group) * weights),
       (0, 1, 2)))(q, k, v)
   (want_loss, want_grads), (got_loss, got_grads) = run(0), run(2)
-  np.testing.assert_allclose(got_loss, want_loss, rtol=TOL)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=tol)
+  as_f32 = lambda x: np.asarray(x, np.float32)
   for got, want in zip(got_grads, want_grads):
-    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
-  np.testing.assert_allclose(attention.dense_attention(q, k, v, mask, 2),
-                             attention.dense_attention(q, k, v, mask), atol=TOL, rtol=TOL)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(as_f32(got), as_f32(want), atol=tol, rtol=tol)
+  np.testing.assert_allclose(as_f32(attention.dense_attention(q, k, v, mask, 2)),
+                             as_f32(attention.dense_attention(q, k, v, mask)), atol=tol, rtol=tol)
 
 
 def test_cache_group_sizes():

@@ -1,4 +1,5 @@
-"""bfloat16 on the CPU: residuals packed as uint16, the matmul's bf16 backward, the gated activation.
+"""bfloat16 on the CPU: residuals packed as uint16, the matmul's bf16 backward, the gated
+activation.
 
 Each speed property is checked in the program XLA compiles, against the program without it.
 """
@@ -36,7 +37,8 @@ def test_pack_round_trips_16_bit_floats_only_on_the_cpu(monkeypatch):
 
 def test_bf16_matmul_backward_is_autodiffs_with_bf16_dots():
   """The same gradients as autodiff of the float32-accumulated product, from dots whose operands
-  are all bf16 (autodiff's transposes take a float32 cotangent, which XLA:CPU widens to f32 dots)."""
+  are all bf16 (autodiff's transposes take a float32 cotangent, which XLA:CPU widens to float32
+  dots)."""
   x = jax.random.normal(jax.random.key(1), (2, 7, 32)).astype(jnp.bfloat16)
   w = jax.random.normal(jax.random.key(2), (32, 24)).astype(jnp.bfloat16)
   weights = jax.random.normal(jax.random.key(3), (2, 7, 24))
@@ -77,10 +79,11 @@ def test_gated_activation_is_autodiffs(name, dtype):
   plain = lambda g, u: layers.activation(name)(g) * u
   loss = lambda fn: lambda g, u: jnp.sum(fn(g, u).astype(jnp.float32) * weights)
   gated = layers.gated_activation(name)
-  assert gated is not None and gated(gate, up).dtype == dtype
+  assert gated(gate, up).dtype == dtype
   np.testing.assert_array_equal(np.asarray(gated(gate, up), np.float32),
                                 np.asarray(plain(gate, up), np.float32))
-  for got, want in zip(jax.grad(loss(gated), (0, 1))(gate, up), jax.grad(loss(plain), (0, 1))(gate, up)):
+  grads = lambda fn: jax.grad(loss(fn), (0, 1))(gate, up)
+  for got, want in zip(grads(gated), grads(plain)):
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 

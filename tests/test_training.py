@@ -211,3 +211,27 @@ def test_bfloat16_run_stores_frozen_matmul_weights_in_bfloat16_with_the_same_los
   sums = jax.jit(lambda frozen: e2llm.loss_sums(setup.model, frozen, setup.state["trainable"],
                                                 batch))
   jax.tree.map(np.testing.assert_array_equal, sums(setup.frozen), sums(float32_frozen))
+
+
+def test_bfloat16_step_on_the_cpu_packs_its_residuals_without_changing_the_step(monkeypatch):
+  """One bf16 train step as it runs (residuals carried as uint16, models/packing.py) and with
+  packing turned off: the same loss, metrics and updated params."""
+  from e2llm_jax.models import packing
+  config = tiny_config(**{"model.compute_dtype": "bfloat16", "mesh.shape": (1, 1, 1)})
+  mesh = sharding.make_mesh((1, 1, 1), config.mesh.axes)
+  setup = state_lib.create_train_state(config, mesh)
+  batch = batch_for(config, setup, 0)
+
+  def one_step():
+    state = jax.tree.map(jax.numpy.copy, setup.state)  # the step donates it
+    return step_lib.make_train_step(config, setup, batch)(state, setup.frozen, batch)
+
+  packed_state, packed_metrics = one_step()
+  monkeypatch.setattr(packing, "pack", lambda tree: tree)
+  monkeypatch.setattr(packing, "unpack", lambda tree: tree)
+  state, metrics = one_step()
+  assert np.isfinite(float(packed_metrics["loss"]))
+  for got, want in zip(jax.tree.leaves((packed_state, packed_metrics)),
+                       jax.tree.leaves((state, metrics))):
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                               rtol=1e-5, atol=1e-7)
