@@ -244,6 +244,18 @@ def test_encoder_mlp_gradients_match_torch(tiny_bert):
       assert _max_diff(grads[ours]["kernel"][i], theirs.weight.grad.numpy().T) <= TOL, (ours, i)
 
 
+def test_rope_backward_is_the_rotation_back(tiny_decoder):
+  """apply_rope's hand-written backward against autodiff of the same rotation."""
+  _, _, cfg, _ = tiny_decoder
+  positions = jnp.asarray(np.random.RandomState(6).randint(0, 50, (2, 7)))
+  cos, sin = llama.rope_cos_sin(cfg, positions)
+  x = jax.random.normal(jax.random.key(7), (2, 7, 3, cfg.head_dim))
+  weights = jax.random.normal(jax.random.key(8), x.shape)
+  grad = lambda fn: jax.grad(lambda x: jnp.sum(fn(x, cos, sin) * weights))(x)
+  np.testing.assert_allclose(grad(llama.apply_rope), grad(llama._rotate_half_rope),
+                             atol=1e-6, rtol=1e-6)
+
+
 def test_decoder_mlp_gradients_match_torch(tiny_decoder):
   """SiLU's hand-written backward (layers.silu), the same way."""
   name, model, cfg, params = tiny_decoder

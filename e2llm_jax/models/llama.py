@@ -95,12 +95,30 @@ def rope_cos_sin(cfg: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, j
   return jnp.cos(emb), jnp.sin(emb)
 
 
+@jax.custom_vjp
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """HF rotate-half RoPE on x [B,T,N,H]."""
+  """HF rotate-half RoPE on x [B,T,N,H].
+
+  Its backward is the rotation by −θ (cos and sin repeat over the two halves, as `rope_cos_sin`
+  builds them), one pass like the forward: autodiff's transpose of the half swap went through
+  slices and pads, 3% of a bf16 train step on a CPU (bench/RESULTS.md).
+  """
+  return _rotate_half_rope(x, cos, sin)
+
+
+def _rotate_half_rope(x, cos, sin):
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
   return x * cos + rotated * sin
+
+
+def _rope_backward(cos_sin, d_out):
+  cos, sin = cos_sin
+  return _rotate_half_rope(d_out, cos, -sin), None, None
+
+
+apply_rope.defvjp(lambda x, cos, sin: (_rotate_half_rope(x, cos, sin), (cos, sin)), _rope_backward)
 
 
 class Attention(nn.Module):
