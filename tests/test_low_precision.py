@@ -52,6 +52,13 @@ def test_bf16_matmul_backward_is_autodiffs_with_bf16_dots():
     np.testing.assert_allclose(np.asarray(g.astype(jnp.float32)), np.asarray(r.astype(jnp.float32)),
                                rtol=1e-2, atol=1e-2)
 
+  # A float32 weight (a LoRA factor) is cast inside, and its gradient comes back in float32.
+  w32 = w.astype(jnp.float32) + 1e-3
+  got = jax.grad(loss(layers.matmul), 1)(x, w32)
+  want = jax.grad(loss(lambda x, w: plain(x, w.astype(x.dtype))), 1)(x, w32)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-2, atol=1e-2)
+
   dot_operand_dtypes = lambda fn: _dots(jax.make_jaxpr(jax.grad(loss(fn), (0, 1)))(x, w).jaxpr)
   assert dot_operand_dtypes(layers.matmul) == {("bfloat16", "bfloat16")}
   assert ("float32", "bfloat16") in dot_operand_dtypes(plain)
