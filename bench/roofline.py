@@ -9,8 +9,10 @@ Required FLOPs are counted analytically from the model's shapes, matmuls only (2
 - backward: the gradient with respect to activations of everything above (same FLOPs as its
   forward; twice for attention, which has two inputs that need gradients), plus weight gradients
   for the trainable weights only (LoRA factors, adapter); frozen base weights get none.
-Norms, softmax, activations and the optimizer are not counted. The "peak" is a float32 (or
-bfloat16) 2048² matmul in JAX on this machine, measured before and after the step (median).
+Norms, softmax, activations and the optimizer are not counted. The "peak" is a 2048² matmul
+through `layers.matmul`, the product every projection of ours calls (in bfloat16 on a CPU: bf16
+operands accumulated in float32, 2-3x the rate of a bf16 -> bf16 dot), on this machine, measured
+before and after the step (the faster).
 
 Usage: `python bench/roofline.py [--dtype float32] [--batch 4] [--chunks 16] [--steps 5]`.
 """
@@ -32,8 +34,9 @@ MATMUL_SIZE = 2048
 
 def matmul_flops_per_s(dtype: str, repeats: int = 5, size: int = MATMUL_SIZE) -> float:
   import jax
+  from e2llm_jax.models import layers
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-  f = jax.jit(lambda x, y: x @ y)
+  f = jax.jit(layers.matmul)
   f(a, a).block_until_ready()
   seconds, _ = _sides.timed(lambda: f(a, a).block_until_ready(), repeats)
   return 2 * size ** 3 / seconds
