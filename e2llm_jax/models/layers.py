@@ -75,11 +75,12 @@ def _gelu_erf(x):
 
 
 # The exact (erf) GELU, HF's "gelu"; jax.nn.gelu defaults to the tanh approximation.
-gelu_exact = _with_recomputed_derivative(_gelu_erf, _gelu_derivative)
-silu = _with_recomputed_derivative(jax.nn.silu, _silu_derivative)
-_GATED = {"gelu": _gated_with_recomputed_derivative(_gelu_erf, _gelu_derivative),
-          "silu": _gated_with_recomputed_derivative(jax.nn.silu, _silu_derivative)}
-_GATED["swish"] = _GATED["silu"]
+_GELU, _SILU = (_gelu_erf, _gelu_derivative), (jax.nn.silu, _silu_derivative)
+gelu_exact = _with_recomputed_derivative(*_GELU)
+silu = _with_recomputed_derivative(*_SILU)
+# Their gated products, keyed by the activation itself so that its every name finds them.
+_GATED = {gelu_exact: _gated_with_recomputed_derivative(*_GELU),
+          silu: _gated_with_recomputed_derivative(*_SILU)}
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu_exact,
@@ -99,10 +100,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def gated_activation(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """`(gate, up) → activation(name)(gate) * up`, the gated MLP's product."""
-  if name in _GATED:
-    return _GATED[name]
   act = activation(name)
-  return lambda gate, up: act(gate) * up
+  return _GATED.get(act, lambda gate, up: act(gate) * up)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
