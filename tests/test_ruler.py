@@ -174,7 +174,7 @@ def test_niah_follows_the_spec(task, length, samples, tokenizer):
         assert {line for line in context.split("\n") if not NEEDLE.fullmatch(line)} == {ruler.NOISE_SENTENCE}
       else:  # essay: the first words of the essays, in order
         words = NEEDLE.sub("", context).split()
-        assert words == list(ruler_texts._essay_words()[:len(words)])
+        assert words == list(ruler_texts.essay_words()[:len(words)])
 
     answer_at = text.find(sample["outputs"][0])
     assert abs(sample["token_position_answer"] - token_count(tokenizer, text[:answer_at])) <= 2

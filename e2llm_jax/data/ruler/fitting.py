@@ -1,6 +1,6 @@
 """Fitting a haystack to the token budget: tokens counted as RULER counts them, and the search for the size.
 
-Owns the rendered prompt (`_Prompt`, `_render`), a sample's `_Draft`, `_TokenCounter` and `_UnitSearch`.
+Owns the rendered prompt (`Prompt`, `fill_template`), a sample's `Draft`, `TokenCounter` and `UnitSearch`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Any, Callable, Sequence
 # Token counting.
 
 @dataclasses.dataclass
-class _Measured:
+class Measured:
   length: int  # tokens without special tokens
   encoding: Any = None  # a `tokenizers.Encoding` when the tokenizer has a Rust backend (gives char offsets)
 
 
-class _TokenCounter:
+class TokenCounter:
   """Counts a text's tokens like RULER's `text_to_tokens` (no BOS/EOS/CLS) with any HF tokenizer."""
 
   def __init__(self, tokenizer: Any):
@@ -38,18 +38,18 @@ class _TokenCounter:
       raise TypeError(f"Tokenizer {type(tokenizer).__name__} has neither `encode` nor `__call__`; pass a "
                       "Hugging Face tokenizer (e.g. from e2llm_jax.hf.load_tokenizer).")
 
-  def measure(self, text: str) -> _Measured:
+  def measure(self, text: str) -> Measured:
     if self._backend is not None:
       encoding = self._backend.encode(text, add_special_tokens=False)
-      return _Measured(len(encoding.ids), encoding)
+      return Measured(len(encoding.ids), encoding)
     if hasattr(self._tokenizer, "encode"):
-      return _Measured(len(self._tokenizer.encode(text, add_special_tokens=False)))
-    return _Measured(len(self._tokenizer(text, add_special_tokens=False)["input_ids"]))
+      return Measured(len(self._tokenizer.encode(text, add_special_tokens=False)))
+    return Measured(len(self._tokenizer(text, add_special_tokens=False)["input_ids"]))
 
   def count(self, text: str) -> int:
     return self.measure(text).length
 
-  def token_position(self, text: str, measured: _Measured, char_index: int) -> int:
+  def token_position(self, text: str, measured: Measured, char_index: int) -> int:
     """How many tokens come before character `char_index` of `text` (RULER's token_position_answer)."""
     if measured.encoding is not None:
       token = measured.encoding.char_to_token(char_index)
@@ -64,7 +64,7 @@ class _TokenCounter:
 # Fitting a haystack to the token budget.
 
 @dataclasses.dataclass(frozen=True)
-class _Prompt:
+class Prompt:
   input: str
   answer_prefix: str
   outputs: tuple[str, ...]
@@ -72,28 +72,28 @@ class _Prompt:
   context_end: int
 
 
-def _render(template: str, answer_prefix: str, context: str, outputs: Sequence[str], preamble: str = "",
-            **fields: Any) -> _Prompt:
+def fill_template(template: str, answer_prefix: str, context: str, outputs: Sequence[str], preamble: str = "",
+                  **fields: Any) -> Prompt:
   """Fills a template whose `{context}` appears once, remembering where the context landed."""
   marker = "\x00CONTEXT\x00"
   filled = template.format(context=marker, **fields)
   head, tail = filled.split(marker)
   head = preamble + head
-  return _Prompt(head + context + tail, answer_prefix, tuple(outputs), len(head), len(head) + len(context))
+  return Prompt(head + context + tail, answer_prefix, tuple(outputs), len(head), len(head) + len(context))
 
 
 @dataclasses.dataclass
-class _Draft:
+class Draft:
   """One sample before its size is known: `build(units)` gives the prompt with that many haystack units."""
-  build: Callable[[int], _Prompt]
+  build: Callable[[int], Prompt]
   min_units: int
   max_units: int | None = None
   probe_units: int = 10  # a small size to measure tokens per unit on the first sample
   # Called with the best fit as (units, prompt, measured); may add material that still fits.
-  top_up: Callable[[int, _Prompt, _Measured], tuple[_Prompt, _Measured]] | None = None
+  top_up: Callable[[int, Prompt, Measured], tuple[Prompt, Measured]] | None = None
 
 
-class _UnitSearch:
+class UnitSearch:
   """Finds per sample the most haystack units whose prompt fits the token budget (RULER's binary search).
 
   Full tokenizations are what cost at 128k, so the search jumps to where the token count should meet the
@@ -106,14 +106,14 @@ class _UnitSearch:
   GAP_TOLERANCE = 0.002
   MAX_GROWTH = 16  # a jump multiplies the haystack by at most this, so a bad estimate cannot explode memory
 
-  def __init__(self, counter: _TokenCounter, budget: int, task: str, max_seq_length: int):
+  def __init__(self, counter: TokenCounter, budget: int, task: str, max_seq_length: int):
     self.counter, self.budget = counter, budget
     self.task, self.max_seq_length = task, max_seq_length
     self.last_units: int | None = None
     self.tokens_per_unit: float | None = None
 
-  def fit(self, draft: _Draft) -> tuple[int, _Prompt, _Measured]:
-    cache: dict[int, tuple[_Prompt, _Measured]] = {}
+  def fit(self, draft: Draft) -> tuple[int, Prompt, Measured]:
+    cache: dict[int, tuple[Prompt, Measured]] = {}
 
     def length(units: int) -> int:
       if units not in cache:

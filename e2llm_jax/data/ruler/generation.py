@@ -10,10 +10,10 @@ import pathlib
 from typing import Any, Sequence
 
 from e2llm_jax import errors
-from e2llm_jax.data.ruler.fitting import _Measured, _Prompt, _TokenCounter, _UnitSearch
+from e2llm_jax.data.ruler.fitting import Measured, Prompt, TokenCounter, UnitSearch
 from e2llm_jax.data.ruler.spec import QUESTION_POOLS, TaskSpec, task_spec
-from e2llm_jax.data.ruler.tasks import (_cwe_draft, _cwe_pools, _fwe_draft, _niah_draft, _qa_draft,
-                                        _qa_shared, _QaShared, _vt_draft, _vt_example)
+from e2llm_jax.data.ruler.tasks import (cwe_draft, make_cwe_pools, fwe_draft, niah_draft, qa_draft,
+                                        make_qa_shared, QaShared, vt_draft, make_vt_example)
 
 
 def generate(task: str, max_seq_length: int, num_samples: int, seed: int, tokenizer: Any, *,
@@ -30,21 +30,21 @@ def generate(task: str, max_seq_length: int, num_samples: int, seed: int, tokeni
     raise ValueError(f"num_samples must be >= 0, got {num_samples}.")
   check_length(task, max_seq_length)
   budget = max_seq_length - spec.tokens_to_generate
-  counter = _TokenCounter(tokenizer)
-  search = _UnitSearch(counter, budget, task, max_seq_length)
-  vt_example = _vt_example(counter, task, seed) if spec.family == "vt" else None
-  cwe_pools = _cwe_pools(seed) if spec.family == "cwe" else None
-  qa_shared = _qa_shared(spec.qa_dataset, task, seed, question_pool) if spec.family == "qa" else None
+  counter = TokenCounter(tokenizer)
+  search = UnitSearch(counter, budget, task, max_seq_length)
+  vt_example = make_vt_example(counter, task, seed) if spec.family == "vt" else None
+  cwe_pools = make_cwe_pools(seed) if spec.family == "cwe" else None
+  qa_shared = make_qa_shared(spec.qa_dataset, task, seed, question_pool) if spec.family == "qa" else None
   samples = []
   for index in range(num_samples):
     if spec.family == "niah":
-      draft, extra = _niah_draft(spec, task, seed, index)
+      draft, extra = niah_draft(spec, task, seed, index)
     elif spec.family == "vt":
-      draft, extra = _vt_draft(task, seed, index, vt_example)
+      draft, extra = vt_draft(task, seed, index, vt_example)
     elif spec.family == "cwe":
-      draft, extra = _cwe_draft(task, seed, index, max_seq_length, cwe_pools)
+      draft, extra = cwe_draft(task, seed, index, max_seq_length, cwe_pools)
     elif spec.family == "fwe":
-      draft, extra = _fwe_draft(task, seed, index, max_seq_length)
+      draft, extra = fwe_draft(task, seed, index, max_seq_length)
     else:
       units, prompt, measured = _fit_qa_sample(task, seed, index, qa_shared, counter, budget, search)
       samples.append(_record(index, prompt, measured, spec, counter, {}))
@@ -57,8 +57,8 @@ def generate(task: str, max_seq_length: int, num_samples: int, seed: int, tokeni
 QA_MAX_SKIPPED_QUESTIONS = 100
 
 
-def _fit_qa_sample(task: str, seed: int, index: int, shared: _QaShared, counter: _TokenCounter, budget: int,
-                   search: _UnitSearch) -> tuple[int, _Prompt, _Measured]:
+def _fit_qa_sample(task: str, seed: int, index: int, shared: QaShared, counter: TokenCounter, budget: int,
+                   search: UnitSearch) -> tuple[int, Prompt, Measured]:
   """Sample `index` asks question `index` of the shuffled pool (cycling); one whose gold paragraphs alone
   overflow the budget is skipped for the next one."""
   if not shared.pool:
@@ -66,7 +66,7 @@ def _fit_qa_sample(task: str, seed: int, index: int, shared: _QaShared, counter:
   attempts = min(len(shared.pool), QA_MAX_SKIPPED_QUESTIONS)
   for attempt in range(attempts):
     question = shared.pool[(index + attempt) % len(shared.pool)]
-    draft, _ = _qa_draft(task, seed, index, question, shared, counter, budget)
+    draft, _ = qa_draft(task, seed, index, question, shared, counter, budget)
     try:
       return search.fit(draft)
     except ValueError:
@@ -75,7 +75,7 @@ def _fit_qa_sample(task: str, seed: int, index: int, shared: _QaShared, counter:
   raise AssertionError("unreachable")
 
 
-def _record(index: int, prompt: _Prompt, measured: _Measured, spec: TaskSpec, counter: _TokenCounter,
+def _record(index: int, prompt: Prompt, measured: Measured, spec: TaskSpec, counter: TokenCounter,
             extra: dict[str, Any]) -> dict[str, Any]:
   length = measured.length + spec.tokens_to_generate
   record = {

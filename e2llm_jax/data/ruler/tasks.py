@@ -12,7 +12,7 @@ import string
 import uuid
 from typing import Any, Sequence
 
-from e2llm_jax.data.ruler.fitting import _Draft, _Measured, _Prompt, _render, _TokenCounter, _UnitSearch
+from e2llm_jax.data.ruler.fitting import Draft, Measured, Prompt, fill_template, TokenCounter, UnitSearch
 from e2llm_jax.data.ruler.spec import (CWE_ANSWER_PREFIX, CWE_NUM_COMMON, CWE_SHORT_CONTEXT, CWE_TEMPLATE,
                                        DEPTHS, FWE_ANSWER_PREFIX, FWE_CODED_WORD_LETTERS, FWE_NOISE_WORD,
                                        FWE_TEMPLATE, FWE_TOKENS_PER_VOCAB_WORD, FWE_ZETA_OF_ALPHA,
@@ -20,8 +20,8 @@ from e2llm_jax.data.ruler.spec import (CWE_ANSWER_PREFIX, CWE_NUM_COMMON, CWE_SH
                                        QA_DOCUMENT, QA_TEMPLATE, QA_TOP_UP_CANDIDATES, VT_ANSWER_PREFIX,
                                        VT_ICL_MAX_LENGTH, VT_ICL_NAME_LETTERS, VT_ICL_VALUE,
                                        VT_NAME_LETTERS, VT_NUM_HOPS, VT_TEMPLATE, TaskSpec)
-from e2llm_jax.data.ruler.texts import (_essay_layout, _essay_vocabulary, _essay_words, _group_is_eval,
-                                        _qa_corpus, _QaCorpus, _QaQuestion, _wonderwords)
+from e2llm_jax.data.ruler.texts import (essay_layout, essay_vocabulary, essay_words, group_is_eval,
+                                        qa_corpus, QaCorpus, QaQuestion, wonderwords_list)
 
 
 def _rng(*parts: Any) -> random.Random:
@@ -37,13 +37,13 @@ def _random_value(rng: random.Random, kind: str) -> str:
     return str(rng.randint(10 ** 6, 10 ** 7 - 1))  # 7 digits
   if kind == "words":
     # Uniform over adjective-noun pairs, as RULER's choice from the sorted product (built lazily: 6M strings).
-    return f"{rng.choice(_wonderwords('adjective'))}-{rng.choice(_wonderwords('noun'))}"
+    return f"{rng.choice(wonderwords_list('adjective'))}-{rng.choice(wonderwords_list('noun'))}"
   if kind == "uuids":
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
   raise ValueError(f"Unknown needle type {kind!r}; choose 'numbers', 'words' or 'uuids'.")
 
 
-def _niah_draft(spec: TaskSpec, task: str, seed: int, index: int) -> tuple[_Draft, dict[str, Any]]:
+def niah_draft(spec: TaskSpec, task: str, seed: int, index: int) -> tuple[Draft, dict[str, Any]]:
   rng = _rng(seed, task, index)
   keys: list[str] = []
   values: list[list[str]] = []
@@ -69,8 +69,8 @@ def _niah_draft(spec: TaskSpec, task: str, seed: int, index: int) -> tuple[_Draf
   prefix = answer_prefix.format(type_needle_v=type_needle_v, query=query)
   placement = (seed, task, index, "placement")
 
-  def render(context: str) -> _Prompt:
-    return _render(template, prefix, context, answers, type_needle_v=type_needle_v, query=query)
+  def render(context: str) -> Prompt:
+    return fill_template(template, prefix, context, answers, type_needle_v=type_needle_v, query=query)
 
   def between_lines(lines: list[str], units: int) -> str:
     positions = sorted(_rng(*placement).sample(range(units), len(needles)), reverse=True)
@@ -80,8 +80,8 @@ def _niah_draft(spec: TaskSpec, task: str, seed: int, index: int) -> tuple[_Draf
 
   extra = {"answer": answers[0]}
   if spec.haystack == "noise":
-    draft = _Draft(lambda units: render(between_lines([NOISE_SENTENCE] * units, units)),
-                   min_units=len(needles), probe_units=25)
+    draft = Draft(lambda units: render(between_lines([NOISE_SENTENCE] * units, units)),
+                  min_units=len(needles), probe_units=25)
   elif spec.haystack == "needle":
     distractor_rng = _rng(seed, task, index, "distractors")
     distractors: list[str] = []
@@ -95,13 +95,13 @@ def _niah_draft(spec: TaskSpec, task: str, seed: int, index: int) -> tuple[_Draf
                                               value=_random_value(distractor_rng, spec.value_type)))
       return distractors[:units]
 
-    draft = _Draft(lambda units: render(between_lines(distractor_lines(units), units)),
-                   min_units=len(needles), probe_units=25)
+    draft = Draft(lambda units: render(between_lines(distractor_lines(units), units)),
+                  min_units=len(needles), probe_units=25)
   elif spec.haystack == "essay":
 
     def essay_context(units: int) -> str:
-      base = len(_essay_words())
-      words, starts = _essay_layout(-(-units // base))
+      base = len(essay_words())
+      words, starts = essay_layout(-(-units // base))
       num_sentences = bisect.bisect_left(starts, units)
       depths = _rng(*placement).sample(DEPTHS, len(needles))
       cuts = [0] + sorted(int(num_sentences * depth / 100) for depth in depths) + [num_sentences]
@@ -113,7 +113,7 @@ def _niah_draft(spec: TaskSpec, task: str, seed: int, index: int) -> tuple[_Draf
           pieces.append(needles[i - 1])
       return " ".join(pieces)
 
-    draft = _Draft(lambda units: render(essay_context(units)), min_units=1, probe_units=500)
+    draft = Draft(lambda units: render(essay_context(units)), min_units=1, probe_units=500)
   else:
     raise ValueError(f"Unknown NIAH haystack {spec.haystack!r}.")
   return draft, extra
@@ -140,13 +140,13 @@ def _vt_context(names: Sequence[str], value: str, units: int, placement: random.
   return "\n".join(lines)
 
 
-def _vt_render(names: Sequence[str], value: str, context: str, preamble: str = "") -> _Prompt:
+def _vt_render(names: Sequence[str], value: str, context: str, preamble: str = "") -> Prompt:
   prefix = VT_ANSWER_PREFIX.format(num_v=len(names), query=value)
-  return _render(VT_TEMPLATE, prefix, context, names, preamble=preamble, query=value)
+  return fill_template(VT_TEMPLATE, prefix, context, names, preamble=preamble, query=value)
 
 
 @dataclasses.dataclass(frozen=True)
-class _VtExample:
+class VtExample:
   """RULER's one-shot example: sized once to VT_ICL_MAX_LENGTH tokens, names and value redrawn per sample."""
   noise_lines: int
   seed_parts: tuple[Any, ...]
@@ -156,19 +156,19 @@ class _VtExample:
     return prompt.input + prompt.answer_prefix + " " + " ".join(names) + "\n"
 
 
-def _vt_example(counter: _TokenCounter, task: str, seed: int) -> _VtExample:
+def make_vt_example(counter: TokenCounter, task: str, seed: int) -> VtExample:
   names = _variable_names(_rng(seed, task, "icl"), VT_NUM_HOPS + 1, VT_ICL_NAME_LETTERS)
   seed_parts = (seed, task, "icl", "placement")
 
-  def build(units: int) -> _Prompt:
+  def build(units: int) -> Prompt:
     return _vt_render(names, VT_ICL_VALUE, _vt_context(names, VT_ICL_VALUE, units, _rng(*seed_parts)))
 
-  search = _UnitSearch(counter, VT_ICL_MAX_LENGTH, task, VT_ICL_MAX_LENGTH)  # no tokens to generate here
-  units, _, _ = search.fit(_Draft(build, min_units=VT_NUM_HOPS + 1, probe_units=5))
-  return _VtExample(units, seed_parts)
+  search = UnitSearch(counter, VT_ICL_MAX_LENGTH, task, VT_ICL_MAX_LENGTH)  # no tokens to generate here
+  units, _, _ = search.fit(Draft(build, min_units=VT_NUM_HOPS + 1, probe_units=5))
+  return VtExample(units, seed_parts)
 
 
-def _vt_draft(task: str, seed: int, index: int, example: _VtExample) -> tuple[_Draft, dict[str, Any]]:
+def vt_draft(task: str, seed: int, index: int, example: VtExample) -> tuple[Draft, dict[str, Any]]:
   rng = _rng(seed, task, index)
   names = _variable_names(rng, VT_NUM_HOPS + 1, VT_NAME_LETTERS)
   value = str(rng.randrange(10000, 99999))
@@ -176,27 +176,27 @@ def _vt_draft(task: str, seed: int, index: int, example: _VtExample) -> tuple[_D
   preamble = example.text(example_names, str(rng.randrange(10000, 99999))) + "\n"
   placement = (seed, task, index, "placement")
 
-  def build(units: int) -> _Prompt:
+  def build(units: int) -> Prompt:
     return _vt_render(names, value, _vt_context(names, value, units, _rng(*placement)), preamble=preamble)
 
-  return _Draft(build, min_units=VT_NUM_HOPS + 1, probe_units=25), {}
+  return Draft(build, min_units=VT_NUM_HOPS + 1, probe_units=25), {}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # CWE: common words.
 
 @dataclasses.dataclass(frozen=True)
-class _CwePools:
+class CwePools:
   words: tuple[str, ...]  # wonderwords nouns + adjectives + verbs, sorted, distinct, shuffled with the seed
   more_words: tuple[str, ...]  # the same plus the essays' vocabulary, for contexts that need more words
 
 
-def _cwe_pools(seed: int) -> _CwePools:
-  words = sorted(set(_wonderwords("noun") + _wonderwords("adjective") + _wonderwords("verb")))
+def make_cwe_pools(seed: int) -> CwePools:
+  words = sorted(set(wonderwords_list("noun") + wonderwords_list("adjective") + wonderwords_list("verb")))
   random.Random(seed).shuffle(words)
-  more_words = sorted(set(words) | set(_essay_vocabulary()))
+  more_words = sorted(set(words) | set(essay_vocabulary()))
   random.Random(seed).shuffle(more_words)
-  return _CwePools(tuple(words), tuple(more_words))
+  return CwePools(tuple(words), tuple(more_words))
 
 
 def _numbered(words: Sequence[str]) -> str:
@@ -210,8 +210,8 @@ def _cwe_list(seed: int, words: Sequence[str], common_repeats: int, uncommon_rep
   return _numbered(word_list)
 
 
-def _cwe_draft(task: str, seed: int, index: int, max_seq_length: int,
-               pools: _CwePools) -> tuple[_Draft, dict[str, Any]]:
+def cwe_draft(task: str, seed: int, index: int, max_seq_length: int,
+              pools: CwePools) -> tuple[Draft, dict[str, Any]]:
   rng = _rng(seed, task, index)
   if max_seq_length < CWE_SHORT_CONTEXT:
     example_size, example_repeats, repeats = 20, (3, 1), (6, 1)
@@ -223,7 +223,7 @@ def _cwe_draft(task: str, seed: int, index: int, max_seq_length: int,
   order = rng.sample(pools.words, len(pools.words))
   more_order: list[str] = []
 
-  def build(units: int) -> _Prompt:
+  def build(units: int) -> Prompt:
     if units <= len(order):
       words = order[:units]
     else:  # RULER switches to a larger word pool when a context needs more words than wonderwords has
@@ -231,16 +231,16 @@ def _cwe_draft(task: str, seed: int, index: int, max_seq_length: int,
         more_rng = _rng(seed, task, index, "more_words")
         more_order.extend(more_rng.sample(pools.more_words, len(pools.more_words)))
       words = more_order[:units]
-    return _render(CWE_TEMPLATE, CWE_ANSWER_PREFIX, _cwe_list(seed, words, *repeats), words[:CWE_NUM_COMMON],
-                   preamble=example + "\n")
+    return fill_template(CWE_TEMPLATE, CWE_ANSWER_PREFIX, _cwe_list(seed, words, *repeats), words[:CWE_NUM_COMMON],
+                         preamble=example + "\n")
 
-  return _Draft(build, min_units=CWE_NUM_COMMON + 1, max_units=len(pools.more_words), probe_units=100), {}
+  return Draft(build, min_units=CWE_NUM_COMMON + 1, max_units=len(pools.more_words), probe_units=100), {}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # FWE: frequent (coded) words.
 
-def _fwe_draft(task: str, seed: int, index: int, max_seq_length: int) -> tuple[_Draft, dict[str, Any]]:
+def fwe_draft(task: str, seed: int, index: int, max_seq_length: int) -> tuple[Draft, dict[str, Any]]:
   vocab_size = max_seq_length // FWE_TOKENS_PER_VOCAB_WORD
   if vocab_size < 5:
     raise ValueError(f"RULER task 'fwe' needs max_seq_length >= {5 * FWE_TOKENS_PER_VOCAB_WORD} (its "
@@ -254,15 +254,15 @@ def _fwe_draft(task: str, seed: int, index: int, max_seq_length: int) -> tuple[_
   random.Random(seed).shuffle(vocab)  # RULER shuffles with the fixed seed
   vocab[0] = FWE_NOISE_WORD  # the most frequent "word" is noise
 
-  def build(units: int) -> _Prompt:
+  def build(units: int) -> Prompt:
     words = []
     for rank, word in enumerate(vocab, start=1):
       words += [word] * int(units * rank ** -FWE_ZIPF_ALPHA / FWE_ZETA_OF_ALPHA)
     random.Random(seed).shuffle(words)
-    return _render(FWE_TEMPLATE, FWE_ANSWER_PREFIX, " ".join(words), vocab[1:4])
+    return fill_template(FWE_TEMPLATE, FWE_ANSWER_PREFIX, " ".join(words), vocab[1:4])
 
   # Below ~100 words the 3rd and 4th real words can tie; more words keep the gold answer unambiguous.
-  return _Draft(build, min_units=100, probe_units=1000), {}
+  return Draft(build, min_units=100, probe_units=1000), {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,22 +288,22 @@ class _DistinctDraws:
 
 
 @dataclasses.dataclass
-class _QaShared:
-  corpus: _QaCorpus
-  pool: list[_QaQuestion]  # this split's questions in this seed's order
+class QaShared:
+  corpus: QaCorpus
+  pool: list[QaQuestion]  # this split's questions in this seed's order
   document_tokens: dict[int, int]  # token counts of documents, filled on demand
 
 
-def _qa_shared(dataset: str, task: str, seed: int, question_pool: str) -> _QaShared:
-  corpus = _qa_corpus(dataset)
+def make_qa_shared(dataset: str, task: str, seed: int, question_pool: str) -> QaShared:
+  corpus = qa_corpus(dataset)
   want_eval = question_pool == "eval"
-  pool = [q for q in corpus.questions if _group_is_eval(dataset, q.group) == want_eval]
+  pool = [q for q in corpus.questions if group_is_eval(dataset, q.group) == want_eval]
   _rng(seed, task, "questions").shuffle(pool)
-  return _QaShared(corpus, pool, {})
+  return QaShared(corpus, pool, {})
 
 
-def _qa_draft(task: str, seed: int, index: int, question: _QaQuestion, shared: _QaShared,
-              counter: _TokenCounter, budget: int) -> tuple[_Draft, dict[str, Any]]:
+def qa_draft(task: str, seed: int, index: int, question: QaQuestion, shared: QaShared,
+             counter: TokenCounter, budget: int) -> tuple[Draft, dict[str, Any]]:
   rng = _rng(seed, task, index)
   documents = shared.corpus.documents
   related = list(question.related)
@@ -313,11 +313,11 @@ def _qa_draft(task: str, seed: int, index: int, question: _QaQuestion, shared: _
   order = list(question.gold) + related
   random_docs = _DistinctDraws(rng, len(documents), order)
 
-  def build_from(ids: Sequence[int]) -> _Prompt:
+  def build_from(ids: Sequence[int]) -> Prompt:
     ids = list(ids)
     random.Random(seed).shuffle(ids)  # RULER shuffles the documents with the fixed seed
     context = "\n\n".join(QA_DOCUMENT.format(i=i + 1, document=documents[d]) for i, d in enumerate(ids))
-    return _render(QA_TEMPLATE, QA_ANSWER_PREFIX, context, question.answers, query=question.question)
+    return fill_template(QA_TEMPLATE, QA_ANSWER_PREFIX, context, question.answers, query=question.question)
 
   def chosen(units: int) -> list[int]:
     return order[:units] + random_docs.first(units - len(order))
@@ -328,7 +328,7 @@ def _qa_draft(task: str, seed: int, index: int, question: _QaQuestion, shared: _
           "\n\n" + QA_DOCUMENT.format(i=len(documents), document=documents[document]))
     return shared.document_tokens[document]
 
-  def top_up(units: int, prompt: _Prompt, measured: _Measured) -> tuple[_Prompt, _Measured]:
+  def top_up(units: int, prompt: Prompt, measured: Measured) -> tuple[Prompt, Measured]:
     # Documents are whole units, so at short lengths the best prefix can leave a gap bigger than a tenth of
     # the budget; later candidates that still fit (by their own token counts) close it.
     ids = chosen(units)
@@ -347,6 +347,6 @@ def _qa_draft(task: str, seed: int, index: int, question: _QaQuestion, shared: _
       extra.pop()
     return prompt, measured
 
-  draft = _Draft(lambda units: build_from(chosen(units)), min_units=len(question.gold),
-                 max_units=len(order) + random_docs.available, probe_units=10, top_up=top_up)
+  draft = Draft(lambda units: build_from(chosen(units)), min_units=len(question.gold),
+                max_units=len(order) + random_docs.available, probe_units=10, top_up=top_up)
   return draft, {}

