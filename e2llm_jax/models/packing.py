@@ -21,16 +21,18 @@ class Packed:
   dtype: Any = flax.struct.field(pytree_node=False)
 
 
-def _packable(x) -> bool:
+def _is_16_bit_float(x) -> bool:
   return (isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
-          and jnp.dtype(x.dtype).itemsize == 2 and jax.default_backend() == "cpu")
+          and jnp.dtype(x.dtype).itemsize == 2)
 
 
 def pack(tree: Any) -> Any:
   """`tree` with every 16-bit float array (on a CPU) replaced by its `Packed` bits."""
+  if jax.default_backend() != "cpu":
+    return tree
   return jax.tree.map(
-      lambda x: Packed(jax.lax.bitcast_convert_type(x, jnp.uint16), x.dtype) if _packable(x) else x,
-      tree)
+      lambda x: Packed(jax.lax.bitcast_convert_type(x, jnp.uint16), x.dtype)
+      if _is_16_bit_float(x) else x, tree)
 
 
 def unpack(tree: Any) -> Any:
