@@ -12,8 +12,8 @@ from typing import Any, Sequence
 from e2llm_jax import errors
 from e2llm_jax.data.ruler.fitting import Measured, Prompt, TokenCounter, UnitSearch
 from e2llm_jax.data.ruler.spec import QUESTION_POOLS, TaskSpec, task_spec
-from e2llm_jax.data.ruler.tasks import (cwe_draft, make_cwe_pools, fwe_draft, niah_draft, qa_draft,
-                                        make_qa_shared, QaShared, vt_draft, make_vt_example)
+from e2llm_jax.data.ruler.tasks import (QaShared, cwe_draft, fwe_draft, make_cwe_pools, make_qa_shared,
+                                        make_vt_example, niah_draft, qa_draft, vt_draft)
 
 
 def generate(task: str, max_seq_length: int, num_samples: int, seed: int, tokenizer: Any, *,

@@ -12,7 +12,7 @@ import string
 import uuid
 from typing import Any, Sequence
 
-from e2llm_jax.data.ruler.fitting import Draft, Measured, Prompt, fill_template, TokenCounter, UnitSearch
+from e2llm_jax.data.ruler.fitting import Draft, Measured, Prompt, TokenCounter, UnitSearch, fill_template
 from e2llm_jax.data.ruler.spec import (CWE_ANSWER_PREFIX, CWE_NUM_COMMON, CWE_SHORT_CONTEXT, CWE_TEMPLATE,
                                        DEPTHS, FWE_ANSWER_PREFIX, FWE_CODED_WORD_LETTERS, FWE_NOISE_WORD,
                                        FWE_TEMPLATE, FWE_TOKENS_PER_VOCAB_WORD, FWE_ZETA_OF_ALPHA,
@@ -20,8 +20,8 @@ from e2llm_jax.data.ruler.spec import (CWE_ANSWER_PREFIX, CWE_NUM_COMMON, CWE_SH
                                        QA_DOCUMENT, QA_TEMPLATE, QA_TOP_UP_CANDIDATES, VT_ANSWER_PREFIX,
                                        VT_ICL_MAX_LENGTH, VT_ICL_NAME_LETTERS, VT_ICL_VALUE,
                                        VT_NAME_LETTERS, VT_NUM_HOPS, VT_TEMPLATE, TaskSpec)
-from e2llm_jax.data.ruler.texts import (essay_layout, essay_vocabulary, essay_words, group_is_eval,
-                                        qa_corpus, QaCorpus, QaQuestion, wonderwords_list)
+from e2llm_jax.data.ruler.texts import (QaCorpus, QaQuestion, essay_layout, essay_vocabulary, essay_words,
+                                        group_is_eval, qa_corpus, wonderwords_list)
 
 
 def _rng(*parts: Any) -> random.Random:
