@@ -1,6 +1,6 @@
 """Shared by the benchmarks: each side runs in its own process, reports one JSON line, and its peak memory.
 
-A side that runs out of memory is reported as such; the machine and date go with every result.
+A side that runs out of memory, or past its step budget, is reported as such; the machine and date go with every result.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 RESULT_PREFIX = "SIDE_RESULT "
+READY_LINE = "SIDE_READY"  # a side prints it when its model is built and its first step starts
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "MemoryError", "out of memory", "Cannot allocate memory",
                "std::bad_alloc")
 
@@ -53,21 +56,54 @@ def emit(result: dict) -> None:
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = None) -> dict:
-  """Run `script --side ...` in a fresh process; its JSON result, or {"oom"|"error": ...}."""
+def ready() -> None:
+  """Marks the start of a side's steps: `run_side`'s step budget counts from here."""
+  print(READY_LINE, flush=True)
+
+
+def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = None,
+             step_budget_s: float | None = None) -> dict:
+  """Run `script --side ...` in a fresh process; its JSON result, or {"oom"|"error"|"over_budget_s": ...}.
+
+  With `step_budget_s`, a side still running that long after it printed `READY_LINE` (its steps,
+  warm-up included, as opposed to loading) is stopped and reported as over the budget: PyTorch's
+  bf16 step on a CPU without bf16 instructions took 218 s (bench/RESULTS.md).
+  """
   command = [sys.executable, script, *args]
-  try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, **(env or {})})
-  except subprocess.TimeoutExpired:
-    return {"error": f"timeout after {timeout_s:.0f} s"}
-  for line in reversed(done.stdout.splitlines()):
+  with tempfile.TemporaryFile("w+") as stderr:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                               env={**os.environ, **(env or {})})
+    lines, ready_at = [], []
+
+    def read() -> None:
+      for line in process.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith(READY_LINE) and not ready_at:
+          ready_at.append(time.monotonic())
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s
+    stopped = None
+    while process.poll() is None:
+      now = time.monotonic()
+      if now > deadline:
+        stopped = {"error": f"timeout after {timeout_s:.0f} s"}
+      elif step_budget_s and ready_at and now - ready_at[0] > step_budget_s:
+        stopped = {"over_budget_s": step_budget_s}
+      if stopped:
+        process.kill()
+        process.wait()
+        return stopped
+      time.sleep(0.2)
+    reader.join()
+    stderr.seek(0)
+    tail = stderr.read()[-2000:]
+  for line in reversed(lines):
     if line.startswith(RESULT_PREFIX):
       return json.loads(line[len(RESULT_PREFIX):])
-  tail = (done.stderr or "")[-2000:]
-  if done.returncode in (-9, 137) or any(m in tail for m in OOM_MARKERS):
-    return {"oom": True, "returncode": done.returncode}
-  return {"error": f"exit {done.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
+  if process.returncode in (-9, 137) or any(m in tail for m in OOM_MARKERS):
+    return {"oom": True, "returncode": process.returncode}
+  return {"error": f"exit {process.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
 
 
 def machine() -> str:
@@ -97,6 +133,8 @@ def machine() -> str:
 def fmt(result: dict, key: str, digits: int = 2) -> str:
   if result.get("oom"):
     return "OOM"
+  if "over_budget_s" in result:
+    return "over_budget" if key == "seconds" else "-"
   if "error" in result:
     return "error"
   value = result.get(key)

@@ -9,9 +9,11 @@ prefix ‖ soft ‖ query ‖ target, cross entropy on the target tokens, AdamW 
 `training.step.make_train_step` on a one-device mesh; PyTorch runs eager and under `torch.compile`.
 Each side runs in its own process (sides alternate order between rounds); after a warm-up step the
 median step time of `--steps` steps counts; tokens = encoder tokens + decoder tokens per step.
+`--step-budget S` stops a side whose warm-up and steps are not done S seconds after its model is
+built, and reports it as over the budget (`make bench` bounds PyTorch's bf16 side so).
 
 Usage: `python bench/train_throughput.py [--dtypes float32,bfloat16] [--batch 4] [--chunks 16]
-[--steps 5] [--rounds 1] [--no-compile]`.
+[--steps 5] [--rounds 1] [--no-compile] [--step-budget S]`.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def random_batch(s: dict, seed: int = 0) -> dict:
 
 def jax_side(s: dict, dtype: str, steps: int) -> dict:
   config, setup, mesh = jax_setup(s, dtype)
+  _sides.ready()
   return time_train_step(config, setup, mesh, random_batch(s), steps)
 
 
@@ -185,6 +188,7 @@ def torch_side(s: dict, dtype: str, steps: int, compile_model: bool) -> dict:
     loss_fn().backward()
     optimizer.step()
 
+  _sides.ready()
   start = time.perf_counter()
   one()  # warm-up (torch.compile compiles here)
   warmup_s = time.perf_counter() - start
@@ -210,6 +214,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
   parser.add_argument("--side-timeout", type=float, default=1800)
+  parser.add_argument("--step-budget", type=float, help="seconds a side's steps may take")
   parser.add_argument("--side", help=argparse.SUPPRESS)
   parser.add_argument("--dtype", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -234,7 +239,8 @@ def main() -> None:
       for side in (sides if round_index % 2 == 0 else sides[::-1]):
         runs[side].append(_sides.run_side(__file__, ["--side", side, "--dtype", dtype,
                                                      *passthrough], args.side_timeout,
-                                          env=train_env(side, dtype)))
+                                          env=train_env(side, dtype),
+                                          step_budget_s=args.step_budget))
     best = {}
     for side, results in runs.items():
       ok = [r for r in results if "seconds" in r]
@@ -245,10 +251,15 @@ def main() -> None:
       print(f"{dtype} {side} {_sides.fmt(result, 'seconds')} {_sides.fmt(result, 'tokens_per_s', 0)}"
             f" {_sides.fmt(result, 'compile_s', 1)} {_sides.fmt(result, 'peak_rss_mb', 0)}",
             flush=True)
+      if "over_budget_s" in result:
+        print(f"# {side}: its warm-up and {args.steps} steps were not done within "
+              f"{result['over_budget_s']:.0f} s (--step-budget)")
     torch_best = max((v for k, v in best.items() if k != "jax"), default=None)
     if "jax" in best and torch_best:
       ratios[dtype] = best["jax"] / torch_best
       print(f"{dtype} ours/best_pytorch tokens/s = {ratios[dtype]:.3f}")
+    elif "jax" in best:
+      print(f"{dtype} ours/best_pytorch tokens/s: no PyTorch side measured")
   headline = ratios.get("float32", next(iter(ratios.values()), float("nan")))
   print(f"train_tokens_per_s_ratio={headline:.3f}")
 
