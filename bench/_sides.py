@@ -57,8 +57,9 @@ def emit(result: dict) -> None:
 
 
 def ready() -> None:
-  """Marks the start of a side's steps: `run_side`'s step budget counts from here."""
-  print(READY_LINE, flush=True)
+  """Marks the start of a side's steps, for `run_side`'s step budget (silent outside `run_side`)."""
+  if os.environ.get(READY_LINE):
+    print(READY_LINE, flush=True)
 
 
 def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = None,
@@ -72,7 +73,7 @@ def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = 
   command = [sys.executable, script, *args]
   with tempfile.TemporaryFile("w+") as stderr:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, **(env or {}), READY_LINE: "1"})
     lines, ready_at = [], []
 
     def read() -> None:
