@@ -1,6 +1,7 @@
 """Shared by the benchmarks: each side runs in its own process, reports one JSON line, and its peak memory.
 
-A side that runs out of memory, or past its step budget, is reported as such; the machine and date go with every result.
+A side that runs out of memory, or past its step budget, is reported as such; the machine and date
+go with every result.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import threading
 import time
 
 RESULT_PREFIX = "SIDE_RESULT "
-READY_LINE = "SIDE_READY"  # a side prints it when its model is built and its first step starts
+# A side prints it when its model is built and its first step starts; `run_side` sets it in the
+# side's environment, so that a side run on its own prints nothing.
+READY_LINE = "SIDE_READY"
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "MemoryError", "out of memory", "Cannot allocate memory",
                "std::bad_alloc")
 
@@ -57,23 +60,23 @@ def emit(result: dict) -> None:
 
 
 def ready() -> None:
-  """Marks the start of a side's steps, for `run_side`'s step budget (silent outside `run_side`)."""
+  """Marks the start of a side's steps, from which `run_side`'s step budget counts."""
   if os.environ.get(READY_LINE):
     print(READY_LINE, flush=True)
 
 
 def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = None,
              step_budget_s: float | None = None) -> dict:
-  """Run `script --side ...` in a fresh process; its JSON result, or {"oom"|"error"|"over_budget_s": ...}.
+  """Run `script --side ...` in a fresh process; its JSON result, or {"oom"|"error"|"over_budget_s"}.
 
   With `step_budget_s`, a side still running that long after it printed `READY_LINE` (its steps,
   warm-up included, as opposed to loading) is stopped and reported as over the budget: PyTorch's
   bf16 step on a CPU without bf16 instructions took 218 s (bench/RESULTS.md).
   """
   command = [sys.executable, script, *args]
-  with tempfile.TemporaryFile("w+") as stderr:
+  with tempfile.TemporaryFile("w+", errors="replace") as stderr:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                               env={**os.environ, **(env or {}), READY_LINE: "1"})
+                               errors="replace", env={**os.environ, **(env or {}), READY_LINE: "1"})
     lines, ready_at = [], []
 
     def read() -> None:
