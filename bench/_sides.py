@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pathlib
 import platform
 import resource
 import statistics
@@ -108,6 +109,21 @@ def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = 
   if process.returncode in (-9, 137) or any(m in tail for m in OOM_MARKERS):
     return {"oom": True, "returncode": process.returncode}
   return {"error": f"exit {process.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
+
+
+def decoder_folder(directory: pathlib.Path) -> str:
+  """SmolLM2's GGUF dequantized to float32 once, written as a Hugging Face folder in `directory`
+  (our exporter, tested against transformers), for every side of a comparison to load.
+
+  From the GGUF, transformers took 17 s a process to load it on a 2-core CPU (it parses the file's
+  metadata twice), against 3 s from a folder; the conversion takes 8 s once. Same float32 values.
+  """
+  from e2llm_jax import assets
+  from e2llm_jax.hf import export, loading
+  folder = directory / "smollm2-float32"
+  cfg, read = loading.decoder_tensor_reader(assets.smollm2_gguf())
+  export.write_tower(folder, "decoder", cfg, read)
+  return str(folder)
 
 
 def machine() -> str:

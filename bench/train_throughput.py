@@ -7,8 +7,9 @@ Same model and work on both sides: MiniLM-L6 (LoRA on query/key/value/attention 
 chunks of T tokens, mean pooling, the 2-layer adapter, SmolLM2-135M (LoRA on q/k/v/o) over
 prefix ‖ soft ‖ query ‖ target, cross entropy on the target tokens, AdamW on LoRA + adapter. Ours is
 `training.step.make_train_step` on a one-device mesh; PyTorch runs eager and under `torch.compile`.
-Each side runs in its own process (sides alternate order between rounds); after a warm-up step the
-median step time of `--steps` steps counts; tokens = encoder tokens + decoder tokens per step.
+Each side runs in its own process (sides alternate order between rounds) and loads SmolLM2 from
+the same float32 folder (`_sides.decoder_folder`); after a warm-up step the median step time of
+`--steps` steps counts; tokens = encoder tokens + decoder tokens per step.
 `--step-budget S` stops a side whose warm-up and steps are not done S seconds after its model is
 built, and reports it as over the budget (`make bench` bounds PyTorch's bf16 side so).
 
@@ -23,6 +24,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,19 +63,20 @@ def random_batch(s: dict, seed: int = 0) -> dict:
           "chunks_dropped": np.zeros((b,), np.int32)}
 
 
-def jax_side(s: dict, dtype: str, steps: int) -> dict:
-  config, setup, mesh = jax_setup(s, dtype)
+def jax_side(s: dict, dtype: str, steps: int, decoder_path: str | None = None) -> dict:
+  config, setup, mesh = jax_setup(s, dtype, decoder_path=decoder_path)
   _sides.ready()
   return time_train_step(config, setup, mesh, random_batch(s), steps)
 
 
-def jax_setup(s: dict, dtype: str, scan_layers: bool = True):
-  """(config, train setup, mesh) of our side: real towers, one-device mesh."""
+def jax_setup(s: dict, dtype: str, scan_layers: bool = True, decoder_path: str | None = None):
+  """(config, train setup, mesh) of our side: real towers (the decoder from `decoder_path`, else
+  its GGUF), one-device mesh."""
   from e2llm_jax import assets, config_utils, sharding
   from e2llm_jax.training import state as state_lib
   config = config_utils.base_config()
   config.model.encoder.path = str(assets.minilm_dir())
-  config.model.decoder.path = str(assets.smollm2_gguf())
+  config.model.decoder.path = decoder_path or str(assets.smollm2_gguf())
   config.model.pooling, config.model.compute_dtype = "mean", dtype
   config.lora.encoder_rank, config.lora.decoder_rank = ENCODER_LORA, DECODER_LORA
   config.lora.encoder_alpha = config.lora.decoder_alpha = LORA_ALPHA
@@ -139,16 +142,15 @@ def shape_flags(args) -> list[str]:
           for key, value in dict(shapes(args), steps=args.steps).items()]
 
 
-def torch_side(s: dict, dtype: str, steps: int, compile_model: bool) -> dict:
+def torch_side(s: dict, dtype: str, steps: int, compile_model: bool, decoder_path: str) -> dict:
   import time
   import peft
   import torch
   import transformers
   from e2llm_jax import assets
   torch_dtype = getattr(torch, dtype)
-  gguf = assets.smollm2_gguf()
   decoder = transformers.AutoModelForCausalLM.from_pretrained(
-      gguf.parent, gguf_file=gguf.name, dtype=torch_dtype, attn_implementation="sdpa")
+      decoder_path, dtype=torch_dtype, attn_implementation="sdpa")
   encoder = transformers.BertModel.from_pretrained(str(assets.minilm_dir()), dtype=torch_dtype,
                                                    attn_implementation="sdpa")
   encoder = peft.get_peft_model(encoder, peft.LoraConfig(
@@ -217,21 +219,28 @@ def main() -> None:
   parser.add_argument("--step-budget", type=float, help="seconds a side's steps may take")
   parser.add_argument("--side", help=argparse.SUPPRESS)
   parser.add_argument("--dtype", help=argparse.SUPPRESS)
+  parser.add_argument("--decoder", help=argparse.SUPPRESS)
   args = parser.parse_args()
   s = shapes(args)
   if args.side:
     if args.side == "jax":
-      result = jax_side(s, args.dtype, args.steps)
+      result = jax_side(s, args.dtype, args.steps, args.decoder)
     else:
-      result = torch_side(s, args.dtype, args.steps, args.side == "torch_compile")
+      result = torch_side(s, args.dtype, args.steps, args.side == "torch_compile", args.decoder)
     result["tokens_per_s"] = tokens_per_step(s) / result["seconds"]
     _sides.emit(dict(result, side=args.side, dtype=args.dtype))
     return
+  with tempfile.TemporaryDirectory() as work:
+    compare(args, s, _sides.decoder_folder(pathlib.Path(work)))
+
+
+def compare(args, s: dict, decoder: str) -> None:
+  """Every side in every dtype, each in its own process, then ours over the best PyTorch side."""
 
   print(f"# {_sides.machine()}; shapes {s}; {tokens_per_step(s)} tokens per step")
   print("dtype side step_s tokens_per_s compile_s peak_MB")
   sides = [x for x in SIDES if not (args.no_compile and x == "torch_compile")]
-  passthrough = shape_flags(args)
+  passthrough = [*shape_flags(args), "--decoder", decoder]
   ratios = {}
   for dtype in args.dtypes.split(","):
     runs = {x: [] for x in sides}
