@@ -42,7 +42,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/train_throughput.py --dtypes bfloat16 --steps 2 --no-compile --step-budget 60
 	$(PY) bench/roofline.py --steps 2
 	$(PY) bench/scaling.py --steps 2
-	$(PY) bench/attention_kernel.py
+	$(PY) bench/attention_kernel.py --rounds 2
 
 clean:
 	rm -rf $(VENV) workdirs

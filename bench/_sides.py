@@ -23,6 +23,7 @@ RESULT_PREFIX = "SIDE_RESULT "
 # A side prints it when its model is built and its first step starts; `run_side` sets it in the
 # side's environment, so that a side run on its own prints nothing.
 READY_LINE = "SIDE_READY"
+BENCH_CACHE = pathlib.Path(__file__).resolve().parent.parent / "workdirs" / "bench"
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "MemoryError", "out of memory", "Cannot allocate memory",
                "std::bad_alloc")
 
@@ -111,18 +112,24 @@ def run_side(script: str, args: list[str], timeout_s: float, env: dict | None = 
   return {"error": f"exit {process.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
 
 
-def decoder_folder(directory: pathlib.Path) -> str:
-  """SmolLM2's GGUF dequantized to float32 once, written as a Hugging Face folder in `directory`
-  (our exporter, tested against transformers), for every side of a comparison to load.
+def decoder_folder() -> str:
+  """SmolLM2's GGUF dequantized to float32 once, as a Hugging Face folder (our exporter, tested
+  against transformers) that every side of a comparison loads; kept under `workdirs/bench/` for
+  later runs, named by the GGUF's size and time so that a changed file is converted again.
 
   From the GGUF, transformers took 17 s a process to load it on a 2-core CPU (it parses the file's
-  metadata twice), against 3 s from a folder; the conversion takes 8 s once. Same float32 values.
+  metadata twice), against 3 s from a folder; the conversion takes 8 s. Same float32 values.
   """
   from e2llm_jax import assets
   from e2llm_jax.hf import export, loading
-  folder = directory / "smollm2-float32"
-  cfg, read = loading.decoder_tensor_reader(assets.smollm2_gguf())
-  export.write_tower(folder, "decoder", cfg, read)
+  gguf = assets.smollm2_gguf()
+  stat = gguf.stat()
+  folder = BENCH_CACHE / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-float32"
+  if not folder.is_dir():
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    cfg, read = loading.decoder_tensor_reader(gguf)
+    export.write_tower(partial, "decoder", cfg, read)
+    partial.rename(folder)  # complete or absent: an interrupted conversion is not taken as done
   return str(folder)
 
 

@@ -221,7 +221,7 @@ def main() -> None:
 def compare(args, work: pathlib.Path) -> None:
   """Every side at every length, each in its own process, then the ratios."""
   import numpy as np
-  decoder = _sides.decoder_folder(work)
+  decoder = _sides.decoder_folder()
 
   print(f"# {_sides.machine()}; dtype {args.dtype}")
   print("length chunks side seconds compile_s peak_MB")

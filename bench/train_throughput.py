@@ -24,7 +24,6 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -230,8 +229,7 @@ def main() -> None:
     result["tokens_per_s"] = tokens_per_step(s) / result["seconds"]
     _sides.emit(dict(result, side=args.side, dtype=args.dtype))
     return
-  with tempfile.TemporaryDirectory() as work:
-    compare(args, s, _sides.decoder_folder(pathlib.Path(work)))
+  compare(args, s, _sides.decoder_folder())
 
 
 def compare(args, s: dict, decoder: str) -> None:
