@@ -157,10 +157,12 @@ class Pooling(nn.Module):
 
 # At inference on a CPU many chunks are encoded in groups of about this many tokens, one group
 # after another: each group's activations and attention logits stay cache-sized, and peak memory
-# stops growing with the number of chunks (a CPU's matmuls still run at full rate at this size).
+# stops growing with the number of chunks (a CPU's matmuls still run at full rate at this size:
+# MiniLM over 252 chunks took 0.99x the time of groups of 2048 tokens on a Xeon, 0.90-0.97x on an
+# AVX2-only EPYC, bench/RESULTS.md).
 # Not under a gradient: the backward of the group loop keeps every group's activations anyway and
 # ran 1.8x slower than one batch (MiniLM, 64 chunks x 128 tokens, bench/RESULTS.md).
-ENCODE_GROUP_TOKENS = 2048
+ENCODE_GROUP_TOKENS = 1024
 # On accelerators (GPU, TPU) matmuls need far more rows to fill the chip: GTE-large over 256 chunks
 # in groups of 2048 tokens took 1.6x the time of groups this large on an H200 (bench/RESULTS.md);
 # there groups only bound memory.
