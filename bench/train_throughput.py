@@ -229,16 +229,11 @@ def main() -> None:
     result["tokens_per_s"] = tokens_per_step(s) / result["seconds"]
     _sides.emit(dict(result, side=args.side, dtype=args.dtype))
     return
-  compare(args, s, _sides.decoder_folder())
-
-
-def compare(args, s: dict, decoder: str) -> None:
-  """Every side in every dtype, each in its own process, then ours over the best PyTorch side."""
 
   print(f"# {_sides.machine()}; shapes {s}; {tokens_per_step(s)} tokens per step")
   print("dtype side step_s tokens_per_s compile_s peak_MB")
   sides = [x for x in SIDES if not (args.no_compile and x == "torch_compile")]
-  passthrough = [*shape_flags(args), "--decoder", decoder]
+  passthrough = [*shape_flags(args), "--decoder", _sides.decoder_folder()]
   ratios = {}
   for dtype in args.dtypes.split(","):
     runs = {x: [] for x in sides}
