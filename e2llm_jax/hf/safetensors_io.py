@@ -74,41 +74,52 @@ def safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 class SafetensorsCheckpoint:
-  """Names and shapes of every tensor in a (sharded) checkpoint, and reads of one tensor at a time."""
+  """Names and shapes of every tensor in a (sharded) checkpoint, from the files' own headers, and
+  reads of one tensor at a time into memory of its own.
+
+  Not through safetensors' memory map: the pages it touches count as this process's memory while
+  the checkpoint is open (a float32 SmolLM2 folder loaded with a peak of 2.2x its size), and its
+  numpy reader has no bfloat16.
+  """
 
   def __init__(self, files: list[pathlib.Path]):
-    from safetensors import safe_open
-    self.files = files
-    self.handles = [safe_open(str(f), framework="np") for f in files]
-    self.headers: dict[pathlib.Path, tuple[int, dict]] = {}
-    self.location: dict[str, tuple[int, Any]] = {}
-    for i, handle in enumerate(self.handles):
-      for name in handle.keys():
-        self.location[name] = (i, handle.get_slice(name))
+    # name -> (file, where its data starts, the header's entry: dtype, shape, data_offsets)
+    self.location: dict[str, tuple[pathlib.Path, int, dict]] = {}
+    for file in files:
+      data_start, header = _read_header(file)
+      self.location.update({name: (file, data_start, entry) for name, entry in header.items()})
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(piece.get_shape()) for name, (_, piece) in self.location.items()}
+    return {name: tuple(entry["shape"]) for name, (_, _, entry) in self.location.items()}
 
   def read(self, name: str) -> np.ndarray:
-    """One tensor, read from its file into memory of its own. Not through safetensors' memory map:
-    the pages it touches count as this process's memory while the checkpoint is open (a float32
-    SmolLM2 folder loaded with a peak of 2.2x its size), and its numpy reader has no bfloat16."""
-    i, piece = self.location[name]
-    return self._read_raw(self.files[i], name, STORED_DTYPES[piece.get_dtype()])
-
-  def _header(self, file: pathlib.Path) -> tuple[int, dict]:
-    """(where the data starts, the JSON header) of one file: the format's own 8-byte size + JSON."""
-    if file not in self.headers:
-      with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        self.headers[file] = (8 + size, json.loads(f.read(size)))
-    return self.headers[file]
-
-  def _read_raw(self, file: pathlib.Path, name: str, dtype: np.dtype) -> np.ndarray:
-    data_start, header = self._header(file)
-    begin, end = header[name]["data_offsets"]
+    file, data_start, entry = self.location[name]
+    begin, end = entry["data_offsets"]
     raw = np.fromfile(file, dtype=np.uint8, count=end - begin, offset=data_start + begin)
-    return raw.view(dtype).reshape(header[name]["shape"])
+    return raw.view(STORED_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _read_header(file: pathlib.Path) -> tuple[int, dict]:
+  """(where the data starts, each tensor's header entry) of one file: the format's own 8-byte size
+  + JSON, checked against the file's length so that a truncated download is named as such."""
+  length = file.stat().st_size
+  with open(file, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    try:
+      header = json.loads(f.read(size)) if 8 + size <= length else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      header = None
+  if header is not None:
+    header.pop("__metadata__", None)
+  if header is None or 8 + size + max((e["data_offsets"][1] for e in header.values()),
+                                      default=0) > length:
+    raise WeightsError(f"{file} is not a complete safetensors file (header or data cut short); "
+                       "download or copy it again.")
+  unknown = sorted({entry["dtype"] for entry in header.values()} - set(STORED_DTYPES))
+  if unknown:
+    raise WeightsError(f"{file} stores tensors as {unknown}, which are not read; supported: "
+                       f"{sorted(STORED_DTYPES)}.")
+  return 8 + size, header
 
 
 def load_as_float32(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -138,7 +149,8 @@ def safetensors_tensor_reader(folder: pathlib.Path, weight_map: dict[str, Weight
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-                      "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+                      "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL",
+                      "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 STORED_DTYPES = {code: jnp.dtype(name) for name, code in SAFETENSORS_DTYPES.items()}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
 # The format pads its JSON header with spaces to a multiple of this many bytes.
