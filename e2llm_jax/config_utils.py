@@ -190,6 +190,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt.keep = 3
   c.ckpt.async_save = True
 
+  c.inference = ml_collections.ConfigDict()  # the E2LLM engine (e2llm_jax.inference)
+  # Merge LoRA into float32 towers' kernels for inference (bfloat16 ones keep it apart): the same
+  # answers, one matmul per projection instead of three (bench/RESULTS.md).
+  c.inference.merge_lora = True
+
   c.eval = ml_collections.ConfigDict()  # eval.py (e2llm_jax.evaluation): tasks x lengths x methods
   c.eval.tasks = "niah_single_1,niah_single_2,vt,qa_1"  # RULER names and FILE.jsonl:METRIC, comma-separated
   c.eval.lengths = (4096, 8192)  # RULER context lengths in decoder tokens

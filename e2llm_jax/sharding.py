@@ -171,3 +171,12 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying target shardings (restore targets, jit signatures)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh the arrays of `tree` are sharded on, if they carry one."""
+  for leaf in jax.tree.leaves(tree):
+    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+    if isinstance(mesh, Mesh):
+      return mesh
+  return None

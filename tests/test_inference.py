@@ -158,6 +158,56 @@ def test_given_soft_tokens_stand_in_for_the_encoded_chunks(engine):
                              atol=1e-4)
 
 
+def test_lora_merged_for_inference_serves_the_same_model(engine):
+  model, frozen = engine.model, engine.frozen
+  # LoRA far from its trained-one-step size, so that merging it wrongly would show.
+  trainable = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: leaf * 300 if path[-1].key == "b" else leaf, engine.trainable)
+  merged_frozen, served = e2llm.merge_lora(model, frozen, trainable)
+  assert "encoder_lora" not in served and "decoder_lora" not in served
+  assert served["adapter"] is trainable["adapter"]
+  assert (merged_frozen["decoder"]["embed_tokens"]["embedding"]
+          is frozen["decoder"]["embed_tokens"]["embedding"])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), frozen, merged_frozen)
+  assert sum(jax.tree.leaves(changed)) == 8  # q, k, v, o kernels of each tower (layers stacked)
+  ids = jnp.asarray(np.random.default_rng(0).integers(5, 900, (3, 2, 32)), jnp.int32)
+  mask = jnp.ones_like(ids).at[1, 1, 20:].set(0)
+  soft = lambda f, t: e2llm.soft_tokens(model, f, t, ids, mask)
+  gap = lambda x, y: float(jnp.max(jnp.abs(x - y)))
+  np.testing.assert_allclose(soft(merged_frozen, served), soft(frozen, trainable), rtol=1e-5,
+                             atol=1e-7)
+  assert gap(soft(frozen, trainable), soft(frozen, engine.trainable)) > 1e-4  # the LoRA matters
+  tokens = ids[:, 0, :12]
+  logits = lambda f, t: llama.decoder_logits(
+      model.decoder, f["decoder"], tokens,
+      lora=e2llm.scaled_lora(t, "decoder_lora", model.decoder_lora))
+  np.testing.assert_allclose(logits(merged_frozen, served), logits(frozen, trainable), rtol=1e-4,
+                             atol=1e-4)
+  assert gap(logits(frozen, trainable), logits(frozen, engine.trainable)) > 1
+
+  # Engines merging and not merging answer alike, and a new trainable tree is merged afresh.
+  config = engine.config.copy_and_resolve_references()
+  config.inference.merge_lora = False
+  apart = E2LLM.from_state(config, model, frozen, trainable, engine.encoder_tokenizer,
+                           engine.decoder_tokenizer)
+  merging = E2LLM.from_state(engine.config, model, frozen, engine.trainable,
+                             engine.encoder_tokenizer, engine.decoder_tokenizer)
+  question, context = "Where did box 14 go?", document(8)
+  before = merging.generate(question, context, max_new_tokens=10)
+  merging.trainable = trainable
+  assert merging.generate(question, context, max_new_tokens=10) == apart.generate(
+      question, context, max_new_tokens=10)
+  np.testing.assert_allclose(merging.compress(context).soft_tokens,
+                             apart.compress(context).soft_tokens, rtol=1e-5, atol=1e-7)
+  assert before != merging.generate(question, context, max_new_tokens=10)
+
+  # A bfloat16 tower keeps its LoRA apart: a merged bfloat16 kernel would lose the update's low bits.
+  half = {**frozen, "decoder": jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen["decoder"])}
+  half_frozen, half_served = e2llm.merge_lora(model, half, trainable)
+  assert half_frozen["decoder"] is half["decoder"] and "decoder_lora" in half_served
+  assert "encoder_lora" not in half_served
+
+
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(engine):
   questions = ["Where?", "Which box was sent to Oslo on the third day of the month?",
                "Name the colour of box 14."]

@@ -76,10 +76,10 @@ class E2LLM:
     self.config = config
     self.model = model
     self.frozen = frozen
-    self.trainable = trainable
+    self.trainable = trainable  # the setter: served params are merged again on the next call
     self.step = step
     if mesh is None:
-      mesh = _mesh_of(frozen)
+      mesh = sharding.mesh_of(frozen)
     self.mesh = mesh if mesh is not None else loading.default_mesh(config)
     batch_axes = dict(sharding.normalize_rules(config.mesh.rules)).get("batch", ())
     self.batch_multiple = math.prod(self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape)
@@ -100,6 +100,23 @@ class E2LLM:
     self._prefill = jax.jit(functools.partial(decoding.prefill, model),
                             static_argnames=("cache_length",))
     self._decode = jax.jit(functools.partial(decoding.decode, model), static_argnames=("max_new",))
+
+  @property
+  def trainable(self) -> Any:
+    return self._trainable
+
+  @trainable.setter
+  def trainable(self, value: Any) -> None:
+    self._trainable, self._served = value, None
+
+  def _served_params(self) -> tuple[Any, Any]:
+    """(frozen, trainable) the jitted calls take: with `inference.merge_lora`, float32 towers with
+    their LoRA merged in (`e2llm.merge_lora`), once per trainable tree."""
+    if self._served is None:
+      self._served = (e2llm.merge_lora(self.model, self.frozen, self._trainable)
+                      if self.config.inference.merge_lora
+                      else (self.frozen, self._trainable))
+    return self._served
 
   # -- Construction. -------------------------------------------------------------------------------
 
@@ -184,7 +201,7 @@ class E2LLM:
       part = chunk_ids[first:first + MAX_CHUNKS_PER_CALL]
       rows = decoding.bucket(len(part), MIN_CHUNK_BUCKET, self.batch_multiple)
       padded = chunking.pad_chunks(part, rows, tokens, pad_id)
-      soft = self._encode(self.frozen, self.trainable, self._batch(padded.ids),
+      soft = self._encode(*self._served_params(), self._batch(padded.ids),
                           self._batch(padded.token_mask))
       out.append(_host(soft)[:len(part)])
       visible = e2llm.soft_token_mask(self.model, np.ones((len(part), 1), np.int32),
@@ -208,7 +225,7 @@ class E2LLM:
       width = min(decoding.bucket(max(len(ids) for ids in encoded), MIN_TEXT_BUCKET), limit)
       rows = decoding.bucket(len(part), multiple=self.batch_multiple)
       padded = chunking.pad_chunks(encoded, rows, width, pad_id)
-      pooled = self._embed(self.frozen, self.trainable, self._batch(padded.ids),
+      pooled = self._embed(*self._served_params(), self._batch(padded.ids),
                            self._batch(padded.token_mask))
       out.append(_host(pooled)[:len(part)])
     return np.concatenate(out) if out else np.zeros((0, self.model.encoder.hidden_size), np.float32)
@@ -347,7 +364,7 @@ class E2LLM:
       if row.num_soft:
         soft[index, :row.num_soft] = row.soft
     begin = time.perf_counter()
-    logits, cache = self._prefill(self.frozen, self.trainable, self._batch(ids), self._batch(soft),
+    logits, cache = self._prefill(*self._served_params(), self._batch(ids), self._batch(soft),
                                   self._batch(soft_index), self._batch(mask),
                                   cache_length=length + new)
     logits = jax.block_until_ready(logits)
@@ -356,7 +373,7 @@ class E2LLM:
     stop_table = decoding.id_table(stop_ids, decoding.MAX_STOP_SEQUENCES,
                                    decoding.MAX_STOP_TOKENS, "stop sequences")
     tokens, steps = self._decode(
-        self.frozen, self.trainable, cache, logits, np.int32(max_new_tokens),
+        *self._served_params(), cache, logits, np.int32(max_new_tokens),
         np.float32(temperature), np.int32(top_k), np.float32(top_p),
         np.uint32(int(seed) & 0xFFFFFFFF), eos_table, stop_table, np.int32(pad_id), max_new=new)
     tokens = _host(tokens)[:len(rows)]
@@ -382,11 +399,3 @@ def _host(array: jax.Array) -> np.ndarray:
 def _real(ids: np.ndarray, mask: np.ndarray) -> list[int]:
   return [int(i) for i in np.asarray(ids)[np.asarray(mask) == 1]]
 
-
-def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
-  """The mesh the arrays of `tree` are sharded on, if they carry one."""
-  for leaf in jax.tree.leaves(tree):
-    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-    if isinstance(mesh, jax.sharding.Mesh):
-      return mesh
-  return None

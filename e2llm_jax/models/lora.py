@@ -59,7 +59,8 @@ def scaled(lora: Any, scale: float) -> Any:
 
 
 def merge(params: Any, lora: Any, scale: float) -> Any:
-  """Base-shaped params with `kernel + scale · a @ b` at every LoRA target."""
+  """Base-shaped params with `kernel + scale · a @ b` at every LoRA target (each merged kernel keeps
+  its dtype and, for a jax.Array, its sharding); other leaves are the same objects."""
   flat = traverse_util.flatten_dict(params)
   flat_lora = traverse_util.flatten_dict(lora)
   merged = dict(flat)
@@ -68,7 +69,12 @@ def merge(params: Any, lora: Any, scale: float) -> Any:
       continue
     module = path[:-1]
     kernel = flat[module + ("kernel",)]
-    update = scale * (a.astype(jnp.float32) @ flat_lora[module + ("b",)].astype(jnp.float32))
-    merged[module + ("kernel",)] = (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
+    placed = None if isinstance(kernel, jax.core.Tracer) else getattr(kernel, "sharding", None)
+    merge_one = jax.jit(_merged_kernel, static_argnames="scale", out_shardings=placed)
+    merged[module + ("kernel",)] = merge_one(kernel, a, flat_lora[module + ("b",)], scale=scale)
   return traverse_util.unflatten_dict(merged)
 
+
+def _merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  update = scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+  return (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
