@@ -8,7 +8,7 @@ where a slot is not text), `soft_index [B,L]` (the slot's row in `soft [B,S,D]`,
 rows of any lengths batch together: positions count real slots only (see `llama.decoder_step`).
 """
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,42 @@ MAX_STOP_TOKENS = 16    # ids per stop sequence checked on device (its last ones
 MAX_EOS_IDS = 4
 UNUSED_ID = -1          # an empty entry of the stop and EOS tables
 LINEAR_BUCKET_STEP = 1024  # buckets grow by powers of two up to here, then by this step
+
+
+class PromptRow(NamedTuple):
+  """One prompt: decoder ids, then soft tokens [n, D] (or none), then decoder ids."""
+  before: list[int]
+  soft: np.ndarray | None
+  after: list[int]
+
+  @property
+  def length(self) -> int:
+    return len(self.before) + self.num_soft + len(self.after)
+
+  @property
+  def num_soft(self) -> int:
+    return 0 if self.soft is None else int(self.soft.shape[0])
+
+
+def prompt_arrays(rows: Sequence[PromptRow], size: int, length: int, soft_slots: int,
+                  width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(ids, soft_index, mask [size, length], soft [size, soft_slots, width]) in the prompt layout;
+  rows beyond `rows` repeat its last one (batch padding)."""
+  ids = np.zeros((size, length), np.int32)  # padding slots are masked; any valid id will do
+  soft_index = np.full((size, length), -1, np.int32)
+  mask = np.zeros((size, length), np.int32)
+  soft = np.zeros((size, soft_slots, width), np.float32)
+  for index in range(size):
+    row = rows[min(index, len(rows) - 1)]
+    start = length - row.length
+    middle = start + len(row.before)
+    ids[index, start:middle] = row.before
+    ids[index, middle + row.num_soft:] = row.after
+    soft_index[index, middle:middle + row.num_soft] = np.arange(row.num_soft)
+    mask[index, start:] = 1
+    if row.num_soft:
+      soft[index, :row.num_soft] = row.soft
+  return ids, soft_index, mask, soft
 
 
 def bucket(size: int, minimum: int = 1, multiple: int = 1) -> int:

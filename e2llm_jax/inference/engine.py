@@ -9,7 +9,7 @@ import functools
 import math
 import pathlib
 import time
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,21 +30,6 @@ MIN_SOFT_BUCKET = 64
 MIN_CHUNK_BUCKET = 32
 MIN_NEW_TOKENS_BUCKET = 16
 MIN_TEXT_BUCKET = 16
-
-
-class PromptRow(NamedTuple):
-  """One prompt: decoder ids, then soft tokens [n, D] (or none), then decoder ids."""
-  before: list[int]
-  soft: np.ndarray | None
-  after: list[int]
-
-  @property
-  def length(self) -> int:
-    return len(self.before) + self.num_soft + len(self.after)
-
-  @property
-  def num_soft(self) -> int:
-    return 0 if self.soft is None else int(self.soft.shape[0])
 
 
 def _encode_chunks(model: e2llm.E2LLMConfig, frozen, trainable, ids, mask):
@@ -268,9 +253,9 @@ class E2LLM:
       found = tasks.resolve_template(row_template or pipeline.INSTRUCTION_TEMPLATE)
       prefix_text, query_text = tasks.split_template(found, question)
       arrays = examples.decoder_arrays(prefix_text, query_text, "")
-      rows.append(PromptRow(_real(arrays["prefix_ids"], arrays["prefix_mask"]),
-                            context.visible_soft_tokens,
-                            _real(arrays["query_ids"], arrays["query_mask"])))
+      rows.append(decoding.PromptRow(_real(arrays["prefix_ids"], arrays["prefix_mask"]),
+                                     context.visible_soft_tokens,
+                                     _real(arrays["query_ids"], arrays["query_mask"])))
     texts_out = self._generate_text_rows(rows, max_new_tokens, temperature, top_p, top_k, seed,
                                          stop)
     self.last_timings["compress_s"] = compress_s
@@ -285,8 +270,8 @@ class E2LLM:
     rows = []
     for prompt in prompts:
       arrays = examples.decoder_arrays(prompt, "", "")
-      rows.append(PromptRow(_real(arrays["prefix_ids"], arrays["prefix_mask"]) +
-                            _real(arrays["query_ids"], arrays["query_mask"]), None, []))
+      rows.append(decoding.PromptRow(_real(arrays["prefix_ids"], arrays["prefix_mask"]) +
+                                     _real(arrays["query_ids"], arrays["query_mask"]), None, []))
     texts = self._generate_text_rows(rows, max_new_tokens, temperature, top_p, top_k, seed, stop)
     self.last_timings["compress_s"] = 0.0
     return texts
@@ -304,9 +289,10 @@ class E2LLM:
     soft = soft.reshape(size, num_chunks * self.model.tokens_per_chunk, -1)
     soft_mask = e2llm.soft_token_mask(self.model, np.asarray(batch["chunk_mask"]),
                                       np.asarray(batch["chunk_token_mask"]))
-    rows = [PromptRow(_real(batch["prefix_ids"][b], batch["prefix_mask"][b]),
-                      soft[b][soft_mask[b] == 1],
-                      _real(batch["query_ids"][b], batch["query_mask"][b])) for b in range(size)]
+    rows = [decoding.PromptRow(_real(batch["prefix_ids"][b], batch["prefix_mask"][b]),
+                               soft[b][soft_mask[b] == 1],
+                               _real(batch["query_ids"][b], batch["query_mask"][b]))
+            for b in range(size)]
     eos = self.model.decoder.eos_token_id if eos_token_id is None else eos_token_id
     pad = 0 if eos is None else int(eos)
     tokens = self._run(rows, max_new_tokens, temperature, top_p, top_k, seed,
@@ -327,8 +313,8 @@ class E2LLM:
       texts.append(text[:min(cuts)] if cuts else text)
     return texts
 
-  def _run(self, rows: list[PromptRow], max_new_tokens: int, temperature: float, top_p: float,
-           top_k: int, seed: int, eos_ids: list[int], stop_ids: list[list[int]],
+  def _run(self, rows: list[decoding.PromptRow], max_new_tokens: int, temperature: float,
+           top_p: float, top_k: int, seed: int, eos_ids: list[int], stop_ids: list[list[int]],
            pad_id: int) -> np.ndarray:
     """Prefill and decode `rows` in one bucket; new ids [len(rows), new-token bucket]."""
     if not rows:
@@ -348,21 +334,8 @@ class E2LLM:
     size = decoding.bucket(len(rows), multiple=self.batch_multiple)
     most_soft = max(row.num_soft for row in rows)
     soft_slots = decoding.bucket(most_soft, MIN_SOFT_BUCKET) if most_soft else 1
-    width = self.model.decoder.hidden_size
-    ids = np.zeros((size, length), np.int32)  # padding slots are masked; any valid id will do
-    soft_index = np.full((size, length), -1, np.int32)
-    mask = np.zeros((size, length), np.int32)
-    soft = np.zeros((size, soft_slots, width), np.float32)
-    for index in range(size):
-      row = rows[min(index, len(rows) - 1)]  # padding rows repeat the last one
-      start = length - row.length
-      middle = start + len(row.before)
-      ids[index, start:middle] = row.before
-      ids[index, middle + row.num_soft:] = row.after
-      soft_index[index, middle:middle + row.num_soft] = np.arange(row.num_soft)
-      mask[index, start:] = 1
-      if row.num_soft:
-        soft[index, :row.num_soft] = row.soft
+    ids, soft_index, mask, soft = decoding.prompt_arrays(rows, size, length, soft_slots,
+                                                         self.model.decoder.hidden_size)
     begin = time.perf_counter()
     logits, cache = self._prefill(*self._served_params(), self._batch(ids), self._batch(soft),
                                   self._batch(soft_index), self._batch(mask),
