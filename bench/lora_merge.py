@@ -50,7 +50,8 @@ def engines(decoder_folder: str):
   mesh = loading.default_mesh(config)
   frozen, _ = towers.frozen_towers(model, weights, mesh, config.mesh.rules, jax.random.key(0))
   trainable = e2llm.init_trainable(model, frozen, jax.random.key(1))
-  # b starts at zero; a trained run's is not (a zero update would cost its matmuls all the same).
+  # A trained run's b is not zero; with b = 0 the merged kernels would be the base ones and the
+  # check that both engines answer alike would prove nothing.
   trainable = jax.tree_util.tree_map_with_path(
       lambda path, leaf: (jax.random.normal(jax.random.key(2), leaf.shape, leaf.dtype) * 1e-3
                           if path[-1].key == "b" else leaf), trainable)

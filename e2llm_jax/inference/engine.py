@@ -61,7 +61,7 @@ class E2LLM:
     self.config = config
     self.model = model
     self.frozen = frozen
-    self.trainable = trainable  # the setter: served params are merged again on the next call
+    self.trainable = trainable  # the setter, which also drops params merged from an older tree
     self.step = step
     if mesh is None:
       mesh = sharding.mesh_of(frozen)
