@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from configs import tiny
 from e2llm_jax import assets, checkpoint, errors, hf
-from e2llm_jax.data import pipeline
+from e2llm_jax.data import chunking, pipeline
 from e2llm_jax.inference import E2LLM, SoftContext, decoding
 from e2llm_jax.models import bert, e2llm, llama
 from e2llm_jax.training import loop
@@ -294,6 +294,33 @@ def test_long_contexts_go_beyond_max_chunks(engine):
   assert isinstance(engine.generate("Where did box 70 go?", context, max_new_tokens=4), str)
   with pytest.raises(ValueError, match="exceeds the decoder's window"):
     engine.generate_text(["word " * 2100], max_new_tokens=4)
+
+
+def test_chunks_are_encoded_in_bucket_shaped_calls_that_pad_little():
+  for multiple in (1, 3, 8):
+    for total in range(1, 3000):
+      calls = decoding.bucketed_calls(total, 32, 1024, multiple)
+      assert sum(items for items, _ in calls) == total
+      assert all(rows == decoding.bucket(items, 32, multiple) and items <= 1024
+                 for items, rows in calls)
+      padding = sum(rows for _, rows in calls) - total
+      assert padding < 32 + len(calls) * (multiple - 1), (total, multiple, calls)
+  assert decoding.bucketed_calls(300, 32, 1024) == [(256, 256), (44, 64)]  # not 512 rows
+
+
+def test_compressing_in_several_calls_equals_one_call(engine):
+  text = document(150, salt=5)
+  ids = engine.examples.chunker(text).ids
+  calls = decoding.bucketed_calls(len(ids), 32, 1024, engine.batch_multiple)
+  assert len(calls) > 1, calls  # the text is long enough to be split
+  tokens = int(engine.config.data.chunk_tokens)
+  padded = chunking.pad_chunks(ids, len(ids), tokens, engine.encoder_tokenizer.pad_token_id)
+  frozen, trainable = e2llm.merge_lora(engine.model, engine.frozen, engine.trainable)
+  one_call = e2llm.soft_tokens(engine.model, frozen, trainable, jnp.asarray(padded.ids)[:, None],
+                               jnp.asarray(padded.token_mask)[:, None])
+  np.testing.assert_allclose(engine.compress(text).soft_tokens,
+                             np.asarray(one_call).reshape(-1, one_call.shape[-1]), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_embed_texts_are_unit_vectors_that_rank_the_same_text_first(engine):

@@ -69,6 +69,25 @@ def bucket(size: int, minimum: int = 1, multiple: int = 1) -> int:
   return -(-rounded // multiple) * multiple
 
 
+def bucketed_calls(total: int, minimum: int, largest: int,
+                   multiple: int = 1) -> list[tuple[int, int]]:
+  """(items, rows) of consecutive calls that cover `total` items, each padded to `rows` =
+  `bucket(items, minimum, multiple)` and holding at most `largest` items.
+
+  One bucket for all could pad almost twofold (300 chunks in 512 rows). Where it would pad by
+  `minimum` rows or more, a call takes the largest power of two of items that fits instead and the
+  rest follow, so the calls pad fewer than `minimum` rows in all (plus rounding to `multiple`)
+  while every call keeps a bucket's shape, compiled once for all inputs."""
+  calls, left = [], int(total)
+  while left > 0:
+    items = min(left, largest)
+    if bucket(items, minimum, multiple) - items >= minimum:
+      items = 1 << (items.bit_length() - 1)
+    calls.append((items, bucket(items, minimum, multiple)))
+    left -= items
+  return calls
+
+
 def id_table(sequences: Sequence[Sequence[int]], rows: int, width: int, what: str) -> np.ndarray:
   """Right-aligned ids [rows, width], UNUSED_ID elsewhere (sequences longer keep their last ids)."""
   sequences = [list(s) for s in sequences if len(s)]

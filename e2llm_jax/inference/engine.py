@@ -181,10 +181,10 @@ class E2LLM:
     int32: 1 at those the decoder reads (`e2llm.soft_token_mask`)."""
     tokens = int(self.config.data.chunk_tokens)
     pad_id = int(getattr(self.encoder_tokenizer, "pad_token_id", None) or 0)
-    out, slots = [], []
-    for first in range(0, len(chunk_ids), MAX_CHUNKS_PER_CALL):
-      part = chunk_ids[first:first + MAX_CHUNKS_PER_CALL]
-      rows = decoding.bucket(len(part), MIN_CHUNK_BUCKET, self.batch_multiple)
+    out, slots, first = [], [], 0
+    for count, rows in decoding.bucketed_calls(len(chunk_ids), MIN_CHUNK_BUCKET,
+                                               MAX_CHUNKS_PER_CALL, self.batch_multiple):
+      part, first = chunk_ids[first:first + count], first + count
       padded = chunking.pad_chunks(part, rows, tokens, pad_id)
       soft = self._encode(*self._served_params(), self._batch(padded.ids),
                           self._batch(padded.token_mask))
