@@ -53,14 +53,13 @@ def tokenizers():
           transformers.AutoTokenizer.from_pretrained(str(assets.minilm_dir())))
 
 
-def make_inputs(length: int) -> dict:
-  """Decoder ids of prefix / context / question, and the context's MiniLM chunks (numpy)."""
-  import numpy as np
+def essay_context(length: int) -> tuple[list[int], list[int], list[int], str]:
+  """(prefix ids, context ids, question ids, context text): a prompt of `length` SmolLM2 tokens
+  around the first tokens of the essays."""
   from e2llm_jax import assets
-  from e2llm_jax.data import chunking
   text = json.loads((assets.long_context_eval_json_dir() / "PaulGrahamEssays.json").read_text())
   text = text["text"]
-  decoder_tok, encoder_tok = tokenizers()
+  decoder_tok, _ = tokenizers()
   prefix = decoder_tok.encode(PREFIX, add_special_tokens=False)
   question = decoder_tok.encode(QUESTION, add_special_tokens=False)
   body = length - len(prefix) - len(question)
@@ -69,7 +68,15 @@ def make_inputs(length: int) -> dict:
     text = text + "\n\n" + text
     ids = decoder_tok.encode(text[:body * 8], add_special_tokens=False)
   context_ids = ids[:body]
-  context = decoder_tok.decode(context_ids)
+  return prefix, context_ids, question, decoder_tok.decode(context_ids)
+
+
+def make_inputs(length: int) -> dict:
+  """Decoder ids of prefix / context / question, and the context's MiniLM chunks (numpy)."""
+  import numpy as np
+  from e2llm_jax.data import chunking
+  prefix, context_ids, question, context = essay_context(length)
+  _, encoder_tok = tokenizers()
   chunks = chunking.chunk_text(context, encoder_tok, CHUNK_TOKENS)
   padded = chunking.pad_chunks(chunks, len(chunks), CHUNK_TOKENS, encoder_tok.pad_token_id or 0)
   return {"prefix": np.asarray(prefix, np.int32), "context": np.asarray(context_ids, np.int32),

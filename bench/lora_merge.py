@@ -71,8 +71,7 @@ def main() -> None:
   parser.add_argument("--new-tokens", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
-  decoder_tok, _ = long_context.tokenizers()
-  context = decoder_tok.decode(long_context.make_inputs(args.length)["context"])
+  context = long_context.essay_context(args.length)[3]
   built = engines(str(_sides.decoder_folder()))
   answers, times = {}, {name: {stage: [] for stage in STAGES + ("total_s",)} for name in built}
   for name, engine in built.items():

@@ -20,6 +20,7 @@ from configs import tiny
 from e2llm_jax import assets, checkpoint, errors, hf
 from e2llm_jax.data import chunking, pipeline
 from e2llm_jax.inference import E2LLM, SoftContext, decoding
+from e2llm_jax.inference import engine as engine_lib
 from e2llm_jax.models import bert, e2llm, llama
 from e2llm_jax.training import loop
 
@@ -311,7 +312,8 @@ def test_chunks_are_encoded_in_bucket_shaped_calls_that_pad_little():
 def test_compressing_in_several_calls_equals_one_call(engine):
   text = document(150, salt=5)
   ids = engine.examples.chunker(text).ids
-  calls = decoding.bucketed_calls(len(ids), 32, 1024, engine.batch_multiple)
+  calls = decoding.bucketed_calls(len(ids), engine_lib.MIN_CHUNK_BUCKET,
+                                  engine_lib.MAX_CHUNKS_PER_CALL, engine.batch_multiple)
   assert len(calls) > 1, calls  # the text is long enough to be split
   tokens = int(engine.config.data.chunk_tokens)
   padded = chunking.pad_chunks(ids, len(ids), tokens, engine.encoder_tokenizer.pad_token_id)
