@@ -38,8 +38,8 @@ test: $(VENV)/.dev
 # 3-5 minutes a side), torch.compile in float32 only (it compiles for up to 3 minutes).
 bench: $(VENV)/.dev
 	$(PY) bench/long_context.py --lengths 4096,8192,16384,32768 --full-min 8192 --full-max 8192 --repeats 1
-	$(PY) bench/train_throughput.py --dtypes float32 --steps 2
-	$(PY) bench/train_throughput.py --dtypes bfloat16 --steps 2 --no-compile --step-budget 60
+	$(PY) bench/train_throughput.py --dtypes float32 --steps 2 --compile layers
+	$(PY) bench/train_throughput.py --dtypes bfloat16 --steps 2 --compile layers --step-budget 60
 	$(PY) bench/roofline.py --steps 2
 	$(PY) bench/scaling.py --steps 2
 	$(PY) bench/attention_kernel.py --rounds 2

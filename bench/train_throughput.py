@@ -6,7 +6,10 @@ run when float32 is not).
 Same model and work on both sides: MiniLM-L6 (LoRA on query/key/value/attention output) over B×N
 chunks of T tokens, mean pooling, the 2-layer adapter, SmolLM2-135M (LoRA on q/k/v/o) over
 prefix ‖ soft ‖ query ‖ target, cross entropy on the target tokens, AdamW on LoRA + adapter. Ours is
-`training.step.make_train_step` on a one-device mesh; PyTorch runs eager and under `torch.compile`.
+`training.step.make_train_step` on a one-device mesh; PyTorch runs eager and under `torch.compile`,
+both of the whole loss (`torch_compile`) and of each encoder and decoder layer, the rest eager
+(`torch_compile_layers`: PyTorch's regional compilation, which compiles one layer's code and reuses it
+for the others; as fast as the whole on the AVX2 EPYC and 5x quicker to compile, bench/RESULTS.md).
 Each side runs in its own process (sides alternate order between rounds) and loads SmolLM2 from
 the same float32 folder (`_sides.decoder_folder`); after a warm-up step the median step time of
 `--steps` steps counts; tokens = encoder tokens + decoder tokens per step.
@@ -14,7 +17,8 @@ the same float32 folder (`_sides.decoder_folder`); after a warm-up step the medi
 built, and reports it as over the budget (`make bench` bounds PyTorch's bf16 side so).
 
 Usage: `python bench/train_throughput.py [--dtypes float32,bfloat16] [--batch 4] [--chunks 16]
-[--steps 5] [--rounds 1] [--no-compile] [--step-budget S]`.
+[--steps 5] [--rounds 1] [--compile both|whole|layers|none] [--step-budget S]`
+(`--no-compile` is `--compile none`).
 """
 
 from __future__ import annotations
@@ -141,7 +145,9 @@ def shape_flags(args) -> list[str]:
           for key, value in dict(shapes(args), steps=args.steps).items()]
 
 
-def torch_side(s: dict, dtype: str, steps: int, compile_model: bool, decoder_path: str) -> dict:
+def torch_side(s: dict, dtype: str, steps: int, compile_scope: str | None,
+               decoder_path: str) -> dict:
+  """PyTorch's step; `compile_scope` None (eager), "whole" (the loss) or "layers" (each layer)."""
   import time
   import peft
   import torch
@@ -181,8 +187,11 @@ def torch_side(s: dict, dtype: str, steps: int, compile_model: bool, decoder_pat
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                              batch["target_ids"].reshape(-1))
 
-  if compile_model:
+  if compile_scope == "whole":
     loss_fn = torch.compile(loss_fn)
+  elif compile_scope == "layers":
+    for layer in [*encoder.base_model.model.encoder.layer, *decoder.base_model.model.model.layers]:
+      layer.compile()
 
   def one():
     optimizer.zero_grad(set_to_none=True)
@@ -197,7 +206,14 @@ def torch_side(s: dict, dtype: str, steps: int, compile_model: bool, decoder_pat
   return {"seconds": median, "times": times, "compile_s": warmup_s}
 
 
-SIDES = ("jax", "torch_eager", "torch_compile")
+COMPILE_SCOPES = {"torch_eager": None, "torch_compile": "whole", "torch_compile_layers": "layers"}
+SIDES = ("jax", *COMPILE_SCOPES)
+
+
+def sides_to_run(compile_choice: str) -> list[str]:
+  """The sides `--compile` asks for: ours, PyTorch eager and the chosen torch.compile sides."""
+  keep = {"both": ("whole", "layers"), "none": ()}.get(compile_choice, (compile_choice,))
+  return [x for x in SIDES if x in ("jax", "torch_eager") or COMPILE_SCOPES[x] in keep]
 
 
 def train_env(side: str, dtype: str) -> dict:
@@ -213,7 +229,10 @@ def main() -> None:
   parser.add_argument("--dtypes", default="float32,bfloat16")
   add_shape_args(parser)
   parser.add_argument("--rounds", type=int, default=1)
-  parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
+  parser.add_argument("--compile", choices=("both", "whole", "layers", "none"), default="both",
+                      help="which torch.compile sides run: of the whole loss, of each layer")
+  parser.add_argument("--no-compile", dest="compile", action="store_const", const="none",
+                      help="no torch.compile side (--compile none)")
   parser.add_argument("--side-timeout", type=float, default=1800)
   parser.add_argument("--step-budget", type=float, help="seconds a side's steps may take")
   parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -225,14 +244,14 @@ def main() -> None:
     if args.side == "jax":
       result = jax_side(s, args.dtype, args.steps, args.decoder)
     else:
-      result = torch_side(s, args.dtype, args.steps, args.side == "torch_compile", args.decoder)
+      result = torch_side(s, args.dtype, args.steps, COMPILE_SCOPES[args.side], args.decoder)
     result["tokens_per_s"] = tokens_per_step(s) / result["seconds"]
     _sides.emit(dict(result, side=args.side, dtype=args.dtype))
     return
 
   print(f"# {_sides.machine()}; shapes {s}; {tokens_per_step(s)} tokens per step")
   print("dtype side step_s tokens_per_s compile_s peak_MB")
-  sides = [x for x in SIDES if not (args.no_compile and x == "torch_compile")]
+  sides = sides_to_run(args.compile)
   passthrough = [*shape_flags(args), "--decoder", _sides.decoder_folder()]
   ratios = {}
   for dtype in args.dtypes.split(","):
