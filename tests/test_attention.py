@@ -337,8 +337,16 @@ def test_encoder_in_groups_gives_the_same_hidden_states(monkeypatch):
   ids = jax.random.randint(jax.random.key(11), (7, 16), 1, 50)
   mask = jnp.ones_like(ids).at[:, 12:].set(0)
   whole = bert.encode(cfg, params, ids, mask)
-  monkeypatch.setattr(bert, "ENCODE_GROUP_TOKENS", 48)  # groups of 3 chunks; 7 pads to 9
+  monkeypatch.setattr(bert, "ENCODE_GROUP_TOKENS", 48)  # 7 chunks: 2 groups of 3, then 1
   np.testing.assert_allclose(bert.encode(cfg, params, ids, mask), whole, atol=TOL, rtol=TOL)
+  # `pool` runs on each group: only the pooled vectors leave the group loop, never hidden states.
+  mean = lambda hidden, m: jnp.sum(hidden * m[..., None], 1) / jnp.sum(m, 1, keepdims=True)
+  np.testing.assert_allclose(bert.encode(cfg, params, ids, mask, pool=mean), mean(whole, mask),
+                             atol=TOL, rtol=TOL)
+  pooled_jaxpr = jax.make_jaxpr(lambda i: bert.encode(cfg, params, i, mask, pool=mean))(ids)
+  stacked = [v.aval.shape for e in pooled_jaxpr.eqns if e.primitive.name == "scan"
+             for v in e.outvars]
+  assert (2, 3, 16) in stacked and (2, 3, 16, 16) not in stacked
   # Under a gradient (the train step's path) the chunks run as one batch: no group loop to
   # differentiate, which ran 1.8x slower.
   unrolled = dataclasses.replace(cfg, scan_layers=False)  # so the only loop would be the groups'

@@ -40,10 +40,11 @@ def _encode_chunks(model: e2llm.E2LLMConfig, frozen, trainable, ids, mask):
 
 def _embed_texts(model: e2llm.E2LLMConfig, frozen, trainable, ids, mask):
   """L2-normalised mean of the encoder's (LoRA) last hidden states over real tokens, [B,De]."""
-  hidden = bert.encode(model.encoder, frozen["encoder"], ids, mask,
-                       lora=e2llm.scaled_lora(trainable, "encoder_lora", model.encoder_lora))
-  mean = bert.Pooling("mean", model.encoder.hidden_size)
-  pooled = mean.apply({"params": {}}, hidden.astype(jnp.float32), mask)[:, 0]
+  mean = lambda hidden, mask: bert.Pooling("mean", model.encoder.hidden_size).apply(
+      {"params": {}}, hidden.astype(jnp.float32), mask)
+  pooled = bert.encode(model.encoder, frozen["encoder"], ids, mask,
+                       lora=e2llm.scaled_lora(trainable, "encoder_lora", model.encoder_lora),
+                       pool=mean)[:, 0]
   return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 

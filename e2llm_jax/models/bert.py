@@ -4,14 +4,14 @@ Pooling turns a chunk's token outputs into `k` vectors: `cls`, masked `mean`, or
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from e2llm_jax.config_utils import ONE_VECTOR_POOLINGS, POOLINGS
-from e2llm_jax.models import attention, layers, stacking
+from e2llm_jax.models import attention, layers, packing, stacking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,24 +170,23 @@ ACCELERATOR_ENCODE_GROUP_TOKENS = 65536
 
 
 def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
-           lora: Any = None, deterministic: bool = True, rngs=None,
-           grouped: bool = True) -> jax.Array:
-  """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise); `grouped` (without
-  dropout) runs many chunks in groups of ENCODE_GROUP_TOKENS on a CPU and of
-  ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere: pass False when differentiating."""
+           lora: Any = None, deterministic: bool = True, rngs=None, grouped: bool = True,
+           pool: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
+  """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise), or `pool(hidden, mask)`
+  of them. `grouped` (without dropout) runs many chunks in groups of ENCODE_GROUP_TOKENS on a CPU
+  and of ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere (pass False when differentiating), and applies
+  `pool` to each group, so that only what it keeps of the hidden states is gathered."""
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-  apply = lambda ids, mask: Encoder(cfg).apply(variables, ids, mask, deterministic=deterministic,
-                                               rngs=rngs)
-  batch, length = input_ids.shape
+  pool = pool or (lambda hidden, mask: hidden)
+  encoded = lambda ids, mask: pool(
+      Encoder(cfg).apply(variables, ids, mask, deterministic=deterministic, rngs=rngs), mask)
+  length = input_ids.shape[-1]
   on_cpu = jax.default_backend() == "cpu"
   tokens = ENCODE_GROUP_TOKENS if on_cpu else ACCELERATOR_ENCODE_GROUP_TOKENS
   group = max(tokens // max(length, 1), 1)
-  if not grouped or not deterministic or batch <= group:
-    return apply(input_ids, attention_mask)
-  pad = -batch % group
-  in_groups = lambda x: jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, group, length)
-  hidden = jax.lax.map(lambda xs: apply(*xs), (in_groups(input_ids), in_groups(attention_mask)))
-  return hidden.reshape(batch + pad, length, -1)[:batch]
+  if not grouped or not deterministic:
+    return encoded(input_ids, attention_mask)
+  return packing.over_groups(encoded, group, input_ids, attention_mask)
 
 
 def init_params(cfg: EncoderConfig, rng: jax.Array, boxed: bool = False):

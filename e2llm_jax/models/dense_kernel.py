@@ -53,21 +53,6 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   return _grouped_forward(q, k, v, mask, group)[0]
 
 
-def _over_groups(fn, group: int, *arrays):
-  """`fn` over the arrays' batch, `group` sequences at a time (0: all at once), outputs rejoined."""
-  batch = arrays[0].shape[0]
-  if not group or group >= batch:
-    return fn(*arrays)
-  whole = batch // group * group
-  grouped = lambda x: x[:whole].reshape(batch // group, group, *x.shape[1:])
-  outs = jax.lax.map(lambda xs: packing.pack(fn(*xs)), tuple(grouped(x) for x in arrays))
-  outs = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), packing.unpack(outs))
-  if whole < batch:
-    rest = fn(*(x[whole:] for x in arrays))
-    outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, rest)
-  return outs
-
-
 def _grouped_queries(q: jax.Array, kv_heads: int) -> jax.Array:
   """[B,T,N,H] → [B,K,G·T,H]: the queries of one KV head are one matmul operand."""
   batch, length, heads, head_dim = q.shape
@@ -120,12 +105,12 @@ def _dense_forward(q, k, v, mask):
 
 
 def _grouped_forward(q, k, v, mask, group):
-  out, (peak, inverse_denom) = _over_groups(_dense_forward, group, q, k, v, mask)
+  out, (peak, inverse_denom) = packing.over_groups(_dense_forward, group, q, k, v, mask)
   return out, packing.pack((q, k, v, mask, out, peak, inverse_denom))
 
 
 def _grouped_backward(group, residuals, d_out):
-  return (*_over_groups(_dense_backward, group, *packing.unpack(residuals), d_out), None)
+  return (*packing.over_groups(_dense_backward, group, *packing.unpack(residuals), d_out), None)
 
 
 def _dense_backward(q, k, v, mask, out, peak, inverse_denom, d_out):

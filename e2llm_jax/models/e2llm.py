@@ -95,12 +95,11 @@ def soft_tokens(cfg: E2LLMConfig, frozen: Any, trainable: Any, chunk_ids: jax.Ar
   flat_ids = chunk_ids.reshape(batch * num_chunks, length)
   flat_mask = chunk_token_mask.reshape(batch * num_chunks, length)
   rngs = None if deterministic or rng is None else {"dropout": rng}
-  hidden = bert.encode(cfg.encoder, frozen["encoder"], flat_ids, flat_mask,
+  pool = lambda hidden, mask: cfg.pooling_module().apply(
+      {"params": trainable.get("pooling", {})}, hidden.astype(jnp.float32), mask)
+  pooled = bert.encode(cfg.encoder, frozen["encoder"], flat_ids, flat_mask,
                        lora=scaled_lora(trainable, "encoder_lora", cfg.encoder_lora),
-                       deterministic=deterministic, rngs=rngs, grouped=grouped)
-  pooling = cfg.pooling_module()
-  pooled = pooling.apply({"params": trainable.get("pooling", {})}, hidden.astype(jnp.float32),
-                         flat_mask)
+                       deterministic=deterministic, rngs=rngs, grouped=grouped, pool=pool)
   soft = cfg.adapter_module().apply({"params": trainable["adapter"]}, pooled)
   return soft.reshape(batch, num_chunks * cfg.tokens_per_chunk, -1)
 

@@ -1,5 +1,5 @@
 """16-bit floats carried as uint16 through the places where XLA:CPU would widen them to float32:
-values saved for a backward pass, and the per-iteration outputs a scan or map stacks.
+values saved for a backward pass, and the per-iteration outputs a scan or map stacks (`over_groups`).
 
 XLA:CPU has no bfloat16 dynamic-update-slice: a scan that writes one layer's bf16 slice into its
 stack converts the whole stack to float32 and back, every iteration (the train step's residual
@@ -40,3 +40,20 @@ def unpack(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.lax.bitcast_convert_type(x.bits, x.dtype) if isinstance(x, Packed) else x,
       tree, is_leaf=lambda x: isinstance(x, Packed))
+
+
+def over_groups(fn, group: int, *arrays):
+  """`fn` over the arrays' batch, `group` rows at a time under `lax.map` (0: all at once), its
+  outputs stacked packed and rejoined; the rows past the last whole group go through as one
+  smaller call rather than padded to a group (no work on padding, nothing to slice off after)."""
+  batch = arrays[0].shape[0]
+  if not group or group >= batch:
+    return fn(*arrays)
+  whole = batch // group * group
+  grouped = lambda x: x[:whole].reshape(batch // group, group, *x.shape[1:])
+  outs = jax.lax.map(lambda xs: pack(fn(*xs)), tuple(grouped(x) for x in arrays))
+  outs = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), unpack(outs))
+  if whole < batch:
+    rest = fn(*(x[whole:] for x in arrays))
+    outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, rest)
+  return outs
