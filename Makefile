@@ -35,7 +35,8 @@ test: $(VENV)/.dev
 
 # The CPU benchmarks at settings that finish within 15 minutes on an idle 2-core machine
 # (bench/RESULTS.md has the timing and the longer runs): full context at 8k only (32k takes
-# 3-5 minutes a side), torch.compile in float32 only (it compiles for up to 3 minutes).
+# 3-5 minutes a side), PyTorch's compiled E2LLM at 32k only, and its training compiled layer by
+# layer (about 30 s; compiling the whole loss takes up to 3 minutes).
 bench: $(VENV)/.dev
 	$(PY) bench/long_context.py --lengths 4096,8192,16384,32768 --full-min 8192 --full-max 8192 --repeats 1 --torch-compile 32768
 	$(PY) bench/train_throughput.py --dtypes float32 --steps 2 --compile layers
