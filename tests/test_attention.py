@@ -347,8 +347,12 @@ def test_encoder_in_groups_gives_the_same_hidden_states(monkeypatch):
   stacked = [v.aval.shape for e in pooled_jaxpr.eqns if e.primitive.name == "scan"
              for v in e.outvars]
   assert (2, 3, 16) in stacked and (2, 3, 16, 16) not in stacked
-  # Under a gradient (the train step's path) the chunks run as one batch: no group loop to
-  # differentiate, which ran 1.8x slower.
+  # Under a gradient the groups give the same gradients (the train step's path on one CPU device).
+  loss = lambda p, grouped: jnp.sum(bert.encode(cfg, p, ids, mask, grouped=grouped, pool=mean) ** 2)
+  for got, want in zip(jax.tree.leaves(jax.grad(loss)(params, True)),
+                       jax.tree.leaves(jax.grad(loss)(params, False))):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+  # With grouped=False (the train step's path elsewhere) the chunks run as one batch: no group loop.
   unrolled = dataclasses.replace(cfg, scan_layers=False)  # so the only loop would be the groups'
   loop_free = jax.make_jaxpr(lambda i: bert.encode(unrolled, stacking.per_layer(params), i, mask,
                                                    grouped=False))(ids)

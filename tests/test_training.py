@@ -235,3 +235,34 @@ def test_bfloat16_step_on_the_cpu_packs_its_residuals_without_changing_the_step(
                        jax.tree.leaves((state, metrics))):
     np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_step_encoding_in_groups_on_one_cpu_device_is_the_same_step(monkeypatch):
+  """On one CPU device the train step encodes its chunks in groups (bert.groups_under_gradient):
+  the same loss, metrics and updated params as encoding them as one batch."""
+  from e2llm_jax.models import bert, packing
+  config = tiny_config(**{"mesh.shape": (1, 1, 1)})
+  mesh = sharding.make_mesh((1, 1, 1), config.mesh.axes)
+  setup = state_lib.create_train_state(config, mesh)
+  batch = batch_for(config, setup, 0)
+  chunks, chunk_tokens = batch["chunk_ids"].shape[0] * batch["chunk_ids"].shape[1], \
+      batch["chunk_ids"].shape[2]
+  monkeypatch.setattr(bert, "ENCODE_GROUP_TOKENS", 3 * chunk_tokens)  # groups of 3, and a rest
+  loops = []
+  grouped_loop = packing.over_groups
+  monkeypatch.setattr(packing, "over_groups", lambda fn, group, *arrays: loops.append(
+      (group, arrays[0].shape[0])) or grouped_loop(fn, group, *arrays))
+
+  def one_step(grouped):
+    monkeypatch.setattr(bert, "groups_under_gradient", lambda: grouped)
+    state = jax.tree.map(jax.numpy.copy, setup.state)  # the step donates it
+    return step_lib.make_train_step(config, setup, batch)(state, setup.frozen, batch)
+
+  grouped_state, grouped_metrics = one_step(True)
+  assert (3, chunks) in loops and chunks % 3, loops
+  state, metrics = one_step(False)
+  assert np.isfinite(float(metrics["loss"]))
+  for got, want in zip(jax.tree.leaves((grouped_state, grouped_metrics)),
+                       jax.tree.leaves((state, metrics))):
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                               rtol=1e-4, atol=1e-6)

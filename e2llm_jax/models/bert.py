@@ -160,8 +160,11 @@ class Pooling(nn.Module):
 # stops growing with the number of chunks (a CPU's matmuls still run at full rate at this size:
 # MiniLM over 252 chunks took 0.99x the time of groups of 2048 tokens on a Xeon, 0.90-0.97x on an
 # AVX2-only EPYC, bench/RESULTS.md).
-# Not under a gradient: the backward of the group loop keeps every group's activations anyway and
-# ran 1.8x slower than one batch (MiniLM, 64 chunks x 128 tokens, bench/RESULTS.md).
+# The train step groups them too, on one CPU device (`groups_under_gradient`): the group loop's
+# backward keeps every group's activations, as one batch's would, but its dots and norms run on
+# cache-sized groups as well. MiniLM's forward and backward over 64 chunks x 128 tokens took 0.88x
+# the time of one batch, the train step 0.92x (AVX2 EPYC, 2026-12-07; it had been 1.8x slower on
+# the Xeon on 2026-12-03, with the code of then, bench/RESULTS.md).
 ENCODE_GROUP_TOKENS = 1024
 # On accelerators (GPU, TPU) matmuls need far more rows to fill the chip: GTE-large over 256 chunks
 # in groups of 2048 tokens took 1.6x the time of groups this large on an H200 (bench/RESULTS.md);
@@ -169,13 +172,21 @@ ENCODE_GROUP_TOKENS = 1024
 ACCELERATOR_ENCODE_GROUP_TOKENS = 65536
 
 
+def groups_under_gradient() -> bool:
+  """Whether the train step encodes its chunks in groups: on one CPU device. Elsewhere groups
+  only bound memory, which a backward keeping every group's activations does not, and over a batch
+  sharded across devices a loop over groups would gather it."""
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
 def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
            lora: Any = None, deterministic: bool = True, rngs=None, grouped: bool = True,
            pool: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
   """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise), or `pool(hidden, mask)`
   of them. `grouped` (without dropout) runs many chunks in groups of ENCODE_GROUP_TOKENS on a CPU
-  and of ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere (pass False when differentiating), and applies
-  `pool` to each group, so that only what it keeps of the hidden states is gathered."""
+  and of ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere (when differentiating, pass
+  `groups_under_gradient()`), and applies `pool` to each group, so that only what it keeps of the
+  hidden states is gathered."""
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
   pool = pool or (lambda hidden, mask: hidden)
   encoded = lambda ids, mask: pool(

@@ -90,7 +90,7 @@ def soft_tokens(cfg: E2LLMConfig, frozen: Any, trainable: Any, chunk_ids: jax.Ar
                 chunk_token_mask: jax.Array, deterministic: bool = True, rng=None,
                 grouped: bool = True) -> jax.Array:
   """Chunk ids [B,N,T] → soft tokens [B,N·k,D_decoder]; every chunk is encoded in parallel
-  (in groups when `grouped`: inference; the train step passes False, see bert.encode)."""
+  (in groups when `grouped`; the train step passes `bert.groups_under_gradient()`)."""
   batch, num_chunks, length = chunk_ids.shape
   flat_ids = chunk_ids.reshape(batch * num_chunks, length)
   flat_mask = chunk_token_mask.reshape(batch * num_chunks, length)
@@ -161,13 +161,14 @@ def target_logits(cfg: E2LLMConfig, frozen: Any, trainable: Any, batch: dict,
                   soft_mask: jax.Array | None = None) -> jax.Array:
   """Logits [B,A,V] that predict each target token (teacher forcing), computed only there.
 
-  The training loss's path, so chunks are encoded as one batch (not grouped: bert.encode). Given
-  `soft` [B,S,D] (and its `soft_mask` [B,S]), those vectors stand in for the encoded chunks: a probe
-  of what the decoder makes of other inputs in the soft slots."""
+  The training loss's path: chunks are encoded in groups where `bert.groups_under_gradient` says
+  so (one CPU device), else as one batch. Given `soft` [B,S,D] (and its `soft_mask` [B,S]), those
+  vectors stand in for the encoded chunks: a probe of what the decoder makes of other inputs in
+  the soft slots."""
   enc_rng, dec_rng = (None, None) if rng is None else jax.random.split(rng)
   if soft is None:
     soft = soft_tokens(cfg, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"],
-                       deterministic, enc_rng, grouped=False)
+                       deterministic, enc_rng, grouped=bert.groups_under_gradient())
   embeds, mask = splice(cfg, frozen, soft, batch, soft_mask=soft_mask)
   decoder_lora = scaled_lora(trainable, "decoder_lora", cfg.decoder_lora)
   rngs = None if deterministic or dec_rng is None else {"dropout": dec_rng}
