@@ -245,8 +245,8 @@ def test_step_encoding_in_groups_on_one_cpu_device_is_the_same_step(monkeypatch)
   mesh = sharding.make_mesh((1, 1, 1), config.mesh.axes)
   setup = state_lib.create_train_state(config, mesh)
   batch = batch_for(config, setup, 0)
-  chunks, chunk_tokens = batch["chunk_ids"].shape[0] * batch["chunk_ids"].shape[1], \
-      batch["chunk_ids"].shape[2]
+  chunks = batch["chunk_ids"].shape[0] * batch["chunk_ids"].shape[1]
+  chunk_tokens = batch["chunk_ids"].shape[2]
   monkeypatch.setattr(bert, "ENCODE_GROUP_TOKENS", 3 * chunk_tokens)  # groups of 3, and a rest
   loops = []
   grouped_loop = packing.over_groups
@@ -260,7 +260,9 @@ def test_step_encoding_in_groups_on_one_cpu_device_is_the_same_step(monkeypatch)
 
   grouped_state, grouped_metrics = one_step(True)
   assert (3, chunks) in loops and chunks % 3, loops
+  loops.clear()
   state, metrics = one_step(False)
+  assert (3, chunks) not in loops, loops
   assert np.isfinite(float(metrics["loss"]))
   for got, want in zip(jax.tree.leaves((grouped_state, grouped_metrics)),
                        jax.tree.leaves((state, metrics))):
