@@ -11,6 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from e2llm_jax.models import packing
 from e2llm_jax.models.dense_kernel import MASKED, cache_group, dense_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
@@ -125,10 +126,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, implementatio
 
 
 def _cpu_cache_group(q_shape, keys: int) -> int:
-  # One CPU device only: over a batch sharded across devices, a loop over groups would gather it.
-  if jax.default_backend() != "cpu" or jax.device_count() != 1:
-    return 0
-  return cache_group(q_shape, keys)
+  return cache_group(q_shape, keys) if packing.one_cpu_device() else 0
 
 
 # The fused GPU kernel; a test stands jax's reference implementation in for it on the CPU.

@@ -173,10 +173,8 @@ ACCELERATOR_ENCODE_GROUP_TOKENS = 65536
 
 
 def groups_under_gradient() -> bool:
-  """Whether the train step encodes its chunks in groups: on one CPU device. Elsewhere groups
-  only bound memory, which a backward keeping every group's activations does not, and over a batch
-  sharded across devices a loop over groups would gather it."""
-  return jax.default_backend() == "cpu" and jax.device_count() == 1
+  """Whether the train step encodes its chunks in groups (`packing.one_cpu_device`)."""
+  return packing.one_cpu_device()
 
 
 def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask: jax.Array,

@@ -1,5 +1,6 @@
 """16-bit floats carried as uint16 through the places where XLA:CPU would widen them to float32:
-values saved for a backward pass, and the per-iteration outputs a scan or map stacks (`over_groups`).
+values saved for a backward pass, and the per-iteration outputs a scan or map stacks (`over_groups`,
+the group loop, and `one_cpu_device`, where a group loop under a gradient pays).
 
 XLA:CPU has no bfloat16 dynamic-update-slice: a scan that writes one layer's bf16 slice into its
 stack converts the whole stack to float32 and back, every iteration (the train step's residual
@@ -40,6 +41,13 @@ def unpack(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.lax.bitcast_convert_type(x.bits, x.dtype) if isinstance(x, Packed) else x,
       tree, is_leaf=lambda x: isinstance(x, Packed))
+
+
+def one_cpu_device() -> bool:
+  """Whether loops over cache-sized groups run here even under a gradient: on one CPU device. Off
+  the CPU groups only bound memory, and over a batch sharded across devices a loop over groups
+  would gather it."""
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def over_groups(fn, group: int, *arrays):
