@@ -28,7 +28,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={D
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_throughput  # pylint: disable=wrong-import-position
 
-TOWERS = (("encoder", "(Encoder)"), ("decoder", "(Decoder"))
+# A tower's ops name it as a path component: "jvp(Encoder)/...", or "jvp()/closed_call/Encoder/..."
+# when its chunks run in groups (a loop inside a closed call).
+TOWERS = (("encoder", re.compile(r"\bEncoder\b")), ("decoder", re.compile(r"\bDecoder\b")))
 
 
 def source_ops(dump: str) -> dict[str, str]:
@@ -78,10 +80,11 @@ def main() -> None:
   by_part, by_op = collections.Counter(), collections.Counter()
   for op, micros in times.items():
     source = names.get(op, "<" + re.sub(r"\.\d+$", "", op) + ">")
-    tower = next((t for t, marker in TOWERS if marker in source), "rest")
+    tower = next((t for t, marker in TOWERS if marker.search(source)), "rest")
     direction = "backward" if source.startswith("transpose(") else "forward"
     by_part[f"{tower} {direction}"] += micros
-    by_op["/".join(source.replace("while/body/", "").split("/")[:4])] += micros
+    readable = re.sub(r"(while/body|closed_call)/", "", source)
+    by_op["/".join(readable.split("/")[:4])] += micros
   print(f"# {s}, {args.dtype}; op time {total / 1e6:.2f} s (summed over threads)")
   for part, micros in sorted(by_part.items()):
     print(f"{part:18s} {micros / 1e6:7.2f} s {100 * micros / total:5.1f}%")
