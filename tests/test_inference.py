@@ -288,6 +288,22 @@ def test_a_second_call_in_the_same_bucket_compiles_nothing(engine):
   assert len(compiles) == first + 1
 
 
+def test_a_prompt_with_soft_tokens_pads_its_text_not_the_whole_prompt(engine, monkeypatch):
+  context = engine.compress(document(90))
+  assert 64 < context.num_soft_tokens <= 128 - 16  # a soft bucket of 128, with room for text
+  masks = []  # the prompt mask [B, slots] of every prefill
+  prefill = engine._prefill
+  monkeypatch.setattr(engine, "_prefill",
+                      lambda *args, **kw: masks.append(np.asarray(args[-1])) or prefill(*args, **kw))
+  answer = engine.generate("Where did box 70 go?", context, max_new_tokens=6)
+  # A text bucket as large as the decoder's window: the whole prompt in one bucket, as before.
+  monkeypatch.setattr(engine_lib, "MIN_PROMPT_TEXT_BUCKET", engine.decoder_window)
+  assert engine.generate("Where did box 70 go?", context, max_new_tokens=6) == answer
+  text = int(masks[0][0].sum()) - context.num_soft_tokens
+  assert text <= 64
+  assert [m.shape[1] for m in masks] == [128 + decoding.bucket(text, 32), 256]
+
+
 def test_long_contexts_go_beyond_max_chunks(engine):
   text = document(300)
   context = engine.compress(text)

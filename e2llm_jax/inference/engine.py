@@ -25,8 +25,9 @@ from e2llm_jax.models import bert, e2llm
 MAX_CHUNKS_PER_CALL = 1024  # chunks one encoder call holds (bounds its activations)
 MAX_TEXTS_PER_CALL = 256    # texts one embed_texts call holds
 # Smallest buckets: fewer, larger shapes compile fewer times; padding at these sizes costs little.
-MIN_PROMPT_BUCKET = 128
+MIN_PROMPT_BUCKET = 128       # a prompt of text only
 MIN_SOFT_BUCKET = 64
+MIN_PROMPT_TEXT_BUCKET = 32   # the text beside soft tokens, which have their own bucket
 MIN_CHUNK_BUCKET = 32
 MIN_NEW_TOKENS_BUCKET = 16
 MIN_TEXT_BUCKET = 16
@@ -330,11 +331,17 @@ class E2LLM:
           f"a prompt of {longest} decoder tokens (soft tokens included) plus max_new_tokens="
           f"{max_new_tokens} exceeds the decoder's window of {self.decoder_window} positions; "
           "shorten the context or the question, or lower max_new_tokens.")
-    length = decoding.bucket(longest, MIN_PROMPT_BUCKET)
     new = decoding.bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     size = decoding.bucket(len(rows), multiple=self.batch_multiple)
     most_soft = max(row.num_soft for row in rows)
     soft_slots = decoding.bucket(most_soft, MIN_SOFT_BUCKET) if most_soft else 1
+    length = decoding.bucket(longest, MIN_PROMPT_BUCKET)
+    if most_soft:
+      # The prefill runs the decoder over every slot. A prompt of 252 soft tokens and 27 text ones
+      # bucketed whole fills 512 slots; the soft bucket (a compiled shape already) plus the text's
+      # own bucket fills 288. Whichever is smaller.
+      text = max(row.length - row.num_soft for row in rows)
+      length = min(length, soft_slots + decoding.bucket(text, MIN_PROMPT_TEXT_BUCKET))
     ids, soft_index, mask, soft = decoding.prompt_arrays(rows, size, length, soft_slots,
                                                          self.model.decoder.hidden_size)
     begin = time.perf_counter()
