@@ -27,7 +27,7 @@ MAX_TEXTS_PER_CALL = 256    # texts one embed_texts call holds
 # Smallest buckets: fewer, larger shapes compile fewer times; padding at these sizes costs little.
 MIN_PROMPT_BUCKET = 128       # a prompt of text only
 MIN_SOFT_BUCKET = 64
-MIN_PROMPT_TEXT_BUCKET = 32   # the text beside soft tokens, which have their own bucket
+MIN_PROMPT_TEXT_BUCKET = 64   # the text beside soft tokens (most questions fit one bucket)
 MIN_CHUNK_BUCKET = 32
 MIN_NEW_TOKENS_BUCKET = 16
 MIN_TEXT_BUCKET = 16
@@ -339,7 +339,7 @@ class E2LLM:
     if most_soft:
       # The prefill runs the decoder over every slot. A prompt of 252 soft tokens and 27 text ones
       # bucketed whole fills 512 slots; the soft bucket (a compiled shape already) plus the text's
-      # own bucket fills 288. Whichever is smaller.
+      # own bucket fills 320. Whichever is smaller.
       text = max(row.length - row.num_soft for row in rows)
       length = min(length, soft_slots + decoding.bucket(text, MIN_PROMPT_TEXT_BUCKET))
     ids, soft_index, mask, soft = decoding.prompt_arrays(rows, size, length, soft_slots,
