@@ -289,19 +289,23 @@ def test_a_second_call_in_the_same_bucket_compiles_nothing(engine):
 
 
 def test_a_prompt_with_soft_tokens_pads_its_text_not_the_whole_prompt(engine, monkeypatch):
-  context = engine.compress(document(90))
-  assert 64 < context.num_soft_tokens <= 128 - 16  # a soft bucket of 128, with room for text
+  question = "Where?"
+  context, short = engine.compress([document(90), document(66)])
   masks = []  # the prompt mask [B, slots] of every prefill
   prefill = engine._prefill
   monkeypatch.setattr(engine, "_prefill",
                       lambda *args, **kw: masks.append(np.asarray(args[-1])) or prefill(*args, **kw))
-  answer = engine.generate("Where did box 70 go?", context, max_new_tokens=6)
+  answer = engine.generate(question, context, max_new_tokens=6)
+  engine.generate(question, short, max_new_tokens=6)
   # A text bucket as large as the decoder's window: the whole prompt in one bucket, as before.
   monkeypatch.setattr(engine_lib, "MIN_PROMPT_TEXT_BUCKET", engine.decoder_window)
-  assert engine.generate("Where did box 70 go?", context, max_new_tokens=6) == answer
+  assert engine.generate(question, context, max_new_tokens=6) == answer
   text = int(masks[0][0].sum()) - context.num_soft_tokens
-  assert text <= 64
-  assert [m.shape[1] for m in masks] == [128 + 64, 256]
+  # A soft bucket of 128 and a text bucket of 64, where the whole prompt's bucket is 256 ...
+  assert 128 - text < context.num_soft_tokens <= 128 and text <= 64
+  # ... and one where the whole prompt's bucket, 128, is the smaller and stays.
+  assert 64 < short.num_soft_tokens <= 128 - text
+  assert [m.shape[1] for m in masks] == [128 + 64, 128, 256]
 
 
 def test_long_contexts_go_beyond_max_chunks(engine):
