@@ -47,13 +47,18 @@ Reader = Callable[[str], np.ndarray]
 def _restore_tree(item_dir: pathlib.Path, key: str | None = None) -> Any:
   """A saved pytree item (or its `key` subtree) as numpy, onto one device, whatever mesh saved it."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # The handler's metadata rather than the checkpointer's, which also looks for a step's metadata
+  # file inside the item's folder and logs a warning that it is missing.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(item_dir)
+  finally:
+    handler.close()
+  tree = getattr(tree, "tree", tree)
+  if key is not None:
+    tree = {key: tree[key]}
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
   with ocp.PyTreeCheckpointer() as reader:
-    metadata = reader.metadata(item_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    if key is not None:
-      tree = {key: tree[key]}
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     restored = reader.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=key is not None))
