@@ -47,21 +47,20 @@ Reader = Callable[[str], np.ndarray]
 def _restore_tree(item_dir: pathlib.Path, key: str | None = None) -> Any:
   """A saved pytree item (or its `key` subtree) as numpy, onto one device, whatever mesh saved it."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  # The handler's metadata rather than the checkpointer's, which also looks for a step's metadata
-  # file inside the item's folder and logs a warning that it is missing.
+  # The item's own handler, not a checkpointer around it: a checkpointer also looks for a step's
+  # metadata file inside the item's folder and logs a warning that it is missing.
   handler = ocp.PyTreeCheckpointHandler()
   try:
     tree = handler.metadata(item_dir)
-  finally:
-    handler.close()
-  tree = getattr(tree, "tree", tree)
-  if key is not None:
-    tree = {key: tree[key]}
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  with ocp.PyTreeCheckpointer() as reader:
-    restored = reader.restore(item_dir, args=ocp.args.PyTreeRestore(
+    tree = getattr(tree, "tree", tree)
+    if key is not None:
+      tree = {key: tree[key]}
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=key is not None))
+  finally:
+    handler.close()
   restored = jax.tree.map(np.asarray, restored)
   return restored[key] if key is not None else restored
 
