@@ -124,6 +124,34 @@ def test_dense_kernel_matches_jax_dot_product_attention(per_head):
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=6e-2, rtol=6e-2)
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_dense_kernel_takes_a_key_mask_as_a_bias_with_the_same_numbers(per_head):
+  """A mask of keys only ([B,·,1,S]) is added to the logits rather than selected: the same outputs
+  and gradients as the same mask given per query, which takes the select, with large logits and
+  a sequence whose every key is padding (its rows average the values, as jax's do)."""
+  length, keys, heads, kv_heads = 10, 14, 6, 2
+  q, k, v = _qkv(jax.random.key(9), 3, length, keys, heads=heads, kv_heads=kv_heads)
+  q = q * 300.0  # logits in the thousands: MASKED + l must still round to MASKED
+  rng = np.random.default_rng(9)
+  key_mask = rng.random((3, heads if per_head else 1, 1, keys)) > 0.4
+  key_mask[:, :, :, 0] = True
+  key_mask[2] = False  # a sequence with no real key
+  key_mask = jnp.asarray(key_mask)
+  per_query = jnp.broadcast_to(key_mask, (3, key_mask.shape[1], length, keys))
+  weights = jax.random.normal(jax.random.key(10), q.shape)
+  value_and_grads = lambda mask: jax.jit(jax.value_and_grad(
+      lambda q, k, v: jnp.sum(attention.dense_attention(q, k, v, mask) * weights), (0, 1, 2)))(q, k, v)
+  (bias_loss, bias_grads), (select_loss, select_grads) = value_and_grads(key_mask), value_and_grads(per_query)
+  np.testing.assert_allclose(bias_loss, select_loss, rtol=1e-6)
+  for got, want in zip(bias_grads, select_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  out = attention.dense_attention(q, k, v, key_mask)
+  np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, mask=key_mask), atol=TOL,
+                             rtol=TOL)
+  np.testing.assert_allclose(out[2], jnp.broadcast_to(
+      jnp.repeat(v[2].mean(0), heads // kv_heads, axis=0), out[2].shape), atol=TOL, rtol=TOL)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_kernel_in_groups_gives_the_same_numbers(dtype):
   """The batch taken 2 sequences at a time (5 = 2 + 2 + a remainder of 1): the same outputs and

@@ -71,7 +71,16 @@ def _ungrouped(x: jax.Array, q_shape: tuple[int, ...]) -> jax.Array:
 
 def _dense_logits(scaled_q: jax.Array, k_first: jax.Array, mask: jax.Array,
                   q_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """(masked float32 logits [B,K,G·T,S], the mask broadcast to them) of grouped queries."""
+  """(masked float32 logits [B,K,G·T,S] of grouped queries, where dS may be non-zero: the mask
+  broadcast to them, or [B,K,G·T,1] for a mask of keys only).
+
+  A mask of keys only ([B,·,1,S], padding) goes on as an added bias of 0 or MASKED rather than a
+  select: XLA:CPU fuses the add into the softmax's pass over the logits, where the select took a
+  pass of its own (MiniLM's attention at 32k, forward 0.68x the time, bench/RESULTS.md). MASKED's
+  unit in the last place is 2^104, so MASKED + l rounds to MASKED for every |l| < 2^103: both
+  give the same logits. A mask per query (causal) stays a select: as a bias of [T,S] floats it
+  made the train step no faster (1.03x the time).
+  """
   batch, length, heads, _ = q_shape
   kv_heads, keys = k_first.shape[1], k_first.shape[2]
   groups = heads // kv_heads
@@ -79,7 +88,13 @@ def _dense_logits(scaled_q: jax.Array, k_first: jax.Array, mask: jax.Array,
   per_head = mask.shape[1] != 1
   mask = mask.reshape(batch, kv_heads if per_head else 1, groups if per_head else 1,
                       *mask.shape[2:])
-  mask = jnp.broadcast_to(mask, (batch, kv_heads, groups, length, keys)).reshape(logits.shape)
+  grouped, rows = (batch, kv_heads, groups, length), logits.shape[:3]
+  if mask.shape[3] == 1:
+    logits = logits.reshape(*grouped, keys) + jnp.where(mask, 0.0, MASKED)
+    # A key a row does not see has P = 0 exactly, so only a row that sees nothing needs dS zeroed.
+    sees_a_key = jnp.broadcast_to(jnp.any(mask, axis=-1, keepdims=True), (*grouped, 1))
+    return logits.reshape(*rows, keys), sees_a_key.reshape(*rows, 1)
+  mask = jnp.broadcast_to(mask, (*grouped, keys)).reshape(logits.shape)
   return jnp.where(mask, logits, MASKED), mask
 
 
@@ -119,7 +134,7 @@ def _dense_backward(q, k, v, mask, out, peak, inverse_denom, d_out):
   dV and dK are computed transposed ([H,S] per head, contracting the queries of both operands'
   leading axis), which XLA:CPU ran 1.5x faster than Pᵀ dO itself."""
   scaled_q, k_first, v_first = _scaled_grouped(q, k, v)
-  logits, visible = _dense_logits(scaled_q, k_first, mask, q.shape)
+  logits, may_move = _dense_logits(scaled_q, k_first, mask, q.shape)
   probs = jnp.exp(logits - peak) * inverse_denom
   kv_heads = k.shape[2]
   d_out = _grouped_queries(d_out, kv_heads)
@@ -129,7 +144,7 @@ def _dense_backward(q, k, v, mask, out, peak, inverse_denom, d_out):
                    preferred_element_type=jnp.float32)
   d_probs = jnp.einsum("bkqh,bksh->bkqs", d_out, v_first, preferred_element_type=jnp.float32)
   # A row that sees nothing averages the values without looking at its logits: no dS there.
-  d_logits = jnp.where(visible, probs * (d_probs - row_dot), 0.0).astype(q.dtype)
+  d_logits = jnp.where(may_move, probs * (d_probs - row_dot), 0.0).astype(q.dtype)
   d_q = jnp.einsum("bkqs,bksh->bkqh", d_logits, k_first, preferred_element_type=jnp.float32)
   d_q = _ungrouped(d_q * (1.0 / math.sqrt(q.shape[-1])), q.shape)
   d_k = jnp.einsum("bkqh,bkqs->bkhs", scaled_q, d_logits, preferred_element_type=jnp.float32)
