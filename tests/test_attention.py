@@ -139,9 +139,10 @@ def test_dense_kernel_takes_a_key_mask_as_a_bias_with_the_same_numbers(per_head)
   key_mask = jnp.asarray(key_mask)
   per_query = jnp.broadcast_to(key_mask, (3, key_mask.shape[1], length, keys))
   weights = jax.random.normal(jax.random.key(10), q.shape)
-  value_and_grads = lambda mask: jax.jit(jax.value_and_grad(
-      lambda q, k, v: jnp.sum(attention.dense_attention(q, k, v, mask) * weights), (0, 1, 2)))(q, k, v)
-  (bias_loss, bias_grads), (select_loss, select_grads) = value_and_grads(key_mask), value_and_grads(per_query)
+  loss = lambda mask: lambda q, k, v: jnp.sum(attention.dense_attention(q, k, v, mask) * weights)
+  value_and_grads = lambda mask: jax.jit(jax.value_and_grad(loss(mask), (0, 1, 2)))(q, k, v)
+  bias_loss, bias_grads = value_and_grads(key_mask)
+  select_loss, select_grads = value_and_grads(per_query)
   np.testing.assert_allclose(bias_loss, select_loss, rtol=1e-6)
   for got, want in zip(bias_grads, select_grads):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
