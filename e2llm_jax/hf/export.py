@@ -3,6 +3,7 @@
 `python -m e2llm_jax.hf.export --workdir W --out OUT [--adapters-only] [--dtype bfloat16] ...`.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -49,8 +50,7 @@ def _restore_tree(item_dir: pathlib.Path, key: str | None = None) -> Any:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   # The item's own handler, not a checkpointer around it: a checkpointer also looks for a step's
   # metadata file inside the item's folder and logs a warning that it is missing.
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
     tree = handler.metadata(item_dir)
     tree = getattr(tree, "tree", tree)
     if key is not None:
@@ -59,8 +59,6 @@ def _restore_tree(item_dir: pathlib.Path, key: str | None = None) -> Any:
     restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=key is not None))
-  finally:
-    handler.close()
   restored = jax.tree.map(np.asarray, restored)
   return restored[key] if key is not None else restored
 

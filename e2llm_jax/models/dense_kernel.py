@@ -89,13 +89,15 @@ def _dense_logits(scaled_q: jax.Array, k_first: jax.Array, mask: jax.Array,
   mask = mask.reshape(batch, kv_heads if per_head else 1, groups if per_head else 1,
                       *mask.shape[2:])
   grouped, rows = (batch, kv_heads, groups, length), logits.shape[:3]
+  logits = logits.reshape(*grouped, keys)
   if mask.shape[3] == 1:
-    logits = logits.reshape(*grouped, keys) + jnp.where(mask, 0.0, MASKED)
+    logits = logits + jnp.where(mask, 0.0, MASKED)
     # A key a row does not see has P = 0 exactly, so only a row that sees nothing needs dS zeroed.
-    sees_a_key = jnp.broadcast_to(jnp.any(mask, axis=-1, keepdims=True), (*grouped, 1))
-    return logits.reshape(*rows, keys), sees_a_key.reshape(*rows, 1)
-  mask = jnp.broadcast_to(mask, (*grouped, keys)).reshape(logits.shape)
-  return jnp.where(mask, logits, MASKED), mask
+    ds_nonzero = jnp.any(mask, axis=-1, keepdims=True)
+  else:
+    logits, ds_nonzero = jnp.where(mask, logits, MASKED), mask
+  flat = lambda x: jnp.broadcast_to(x, (*grouped, x.shape[-1])).reshape(*rows, x.shape[-1])
+  return flat(logits), flat(ds_nonzero)
 
 
 def _scaled_grouped(q, k, v):
