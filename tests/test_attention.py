@@ -373,7 +373,7 @@ def test_encoder_in_groups_gives_the_same_hidden_states(monkeypatch):
   np.testing.assert_allclose(bert.encode(cfg, params, ids, mask, pool=mean), mean(whole, mask),
                              atol=TOL, rtol=TOL)
   pooled_jaxpr = jax.make_jaxpr(lambda i: bert.encode(cfg, params, i, mask, pool=mean))(ids)
-  stacked = [v.aval.shape for e in pooled_jaxpr.eqns if e.primitive.name == "scan"
+  stacked = [v.aval.shape for e in pooled_jaxpr.eqns if e.primitive.name in ("scan", "while")
              for v in e.outvars]
   assert (2, 3, 16) in stacked and (2, 3, 16, 16) not in stacked
   # Under a gradient the groups give the same gradients (the train step's path on one CPU device).
@@ -391,6 +391,32 @@ def test_encoder_in_groups_gives_the_same_hidden_states(monkeypatch):
                              rtol=TOL)
 
 
+def test_encoder_skips_the_groups_after_the_last_real_chunk(monkeypatch):
+  # The inference engine pads its encoder calls to bucket sizes with whole chunks of padding.
+  cfg = bert.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                           intermediate_size=24, max_position_embeddings=16)
+  params = bert.init_params(cfg, jax.random.key(13))
+  ids = jax.random.randint(jax.random.key(14), (11, 16), 1, 50)
+  mask = jnp.ones_like(ids).at[:, 12:].set(0).at[4:].set(0)  # chunks 0-3 real, then padding
+  monkeypatch.setattr(bert, "ENCODE_GROUP_TOKENS", 48)  # 11 chunks: 3 groups of 3, then 2
+  ran, computed = bert.encode(cfg, params, ids, mask), bert.encode(cfg, params, ids, mask,
+                                                                 differentiated=True)
+  # Groups 0-1 hold real chunks and run; group 2 (chunks 6-8) comes after the last real chunk and
+  # does not; the rest (9-10), shorter than a group, runs as ever.
+  np.testing.assert_array_equal(ran[:6], computed[:6])
+  np.testing.assert_array_equal(ran[6:9], 0.0)
+  assert float(jnp.abs(computed[6:9]).min()) > 0.0
+  np.testing.assert_array_equal(ran[9:], computed[9:])
+  np.testing.assert_allclose(ran[:4], bert.encode(cfg, params, ids, mask, grouped=False)[:4],
+                             atol=TOL, rtol=TOL)
+  # Inside jit the last real chunk is a traced value: one compiled call serves any count.
+  encode = jax.jit(lambda m: bert.encode(cfg, params, ids, m))
+  np.testing.assert_allclose(encode(mask), ran, atol=TOL, rtol=TOL)
+  np.testing.assert_array_equal(encode(mask.at[:, :].set(0).at[0, 0].set(1))[3:9], 0.0)
+  # A real chunk in the last group keeps every group: only groups after the last one are skipped.
+  assert float(jnp.abs(encode(mask.at[7, 0].set(1))[3:9]).min()) > 0.0
+
+
 def test_encoder_groups_are_large_off_the_cpu(monkeypatch):
   # A GPU's matmuls need many rows: there the 64 chunks below run as one batch, on a CPU in groups.
   cfg = bert.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
@@ -398,7 +424,8 @@ def test_encoder_groups_are_large_off_the_cpu(monkeypatch):
   params = stacking.per_layer(bert.init_params(dataclasses.replace(cfg, scan_layers=True),
                                                jax.random.key(12)))
   ids = jnp.ones((64, 128), jnp.int32)
-  loops = lambda: "scan" in str(jax.make_jaxpr(lambda i: bert.encode(cfg, params, i, i))(ids))
+  loops = lambda: any(loop in str(jax.make_jaxpr(lambda i: bert.encode(cfg, params, i, i))(ids))
+                      for loop in ("scan", "while"))
   assert loops()
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not loops()

@@ -250,8 +250,8 @@ def test_step_encoding_in_groups_on_one_cpu_device_is_the_same_step(monkeypatch)
   monkeypatch.setattr(bert, "ENCODE_GROUP_TOKENS", 3 * chunk_tokens)  # groups of 3, and a rest
   loops = []
   grouped_loop = packing.over_groups
-  monkeypatch.setattr(packing, "over_groups", lambda fn, group, *arrays: loops.append(
-      (group, arrays[0].shape[0])) or grouped_loop(fn, group, *arrays))
+  monkeypatch.setattr(packing, "over_groups", lambda fn, group, *arrays, **kw: loops.append(
+      (group, arrays[0].shape[0])) or grouped_loop(fn, group, *arrays, **kw))
 
   def one_step(grouped):
     monkeypatch.setattr(bert, "groups_under_gradient", lambda: grouped)

@@ -179,12 +179,14 @@ def groups_under_gradient() -> bool:
 
 def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
            lora: Any = None, deterministic: bool = True, rngs=None, grouped: bool = True,
-           pool: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
+           pool: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+           differentiated: bool = False) -> jax.Array:
   """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise), or `pool(hidden, mask)`
   of them. `grouped` (without dropout) runs many chunks in groups of ENCODE_GROUP_TOKENS on a CPU
   and of ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere (when differentiating, pass
   `groups_under_gradient()`), and applies `pool` to each group, so that only what it keeps of the
-  hidden states is gathered."""
+  hidden states is gathered. Unless `differentiated`, the groups after the last chunk with a real
+  token are not run: their outputs are zeros."""
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
   pool = pool or (lambda hidden, mask: hidden)
   encoded = lambda ids, mask: pool(
@@ -195,7 +197,11 @@ def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask
   group = max(tokens // max(length, 1), 1)
   if not grouped or not deterministic:
     return encoded(input_ids, attention_mask)
-  return packing.over_groups(encoded, group, input_ids, attention_mask)
+  # The inference engine pads its calls to bucket sizes with whole chunks of padding, last: the
+  # groups past the last real chunk are not run.
+  rows_used = None if differentiated else 1 + jnp.max(
+      jnp.where(jnp.any(attention_mask, axis=-1), jnp.arange(input_ids.shape[0]), -1))
+  return packing.over_groups(encoded, group, input_ids, attention_mask, rows_used=rows_used)
 
 
 def init_params(cfg: EncoderConfig, rng: jax.Array, boxed: bool = False):

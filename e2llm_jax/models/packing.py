@@ -50,16 +50,29 @@ def one_cpu_device() -> bool:
   return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
-def over_groups(fn, group: int, *arrays):
+def over_groups(fn, group: int, *arrays, rows_used=None):
   """`fn` over the arrays' batch, `group` rows at a time under `lax.map` (0: all at once), its
   outputs stacked packed and rejoined; the rows past the last whole group go through as one
-  smaller call rather than padded to a group (no work on padding, nothing to slice off after)."""
+  smaller call rather than padded to a group (no work on padding, nothing to slice off after).
+  Given `rows_used` (a traced int), whole groups past that many rows are not run (a loop with
+  that many turns, not differentiable in reverse) and their outputs are zeros."""
   batch = arrays[0].shape[0]
   if not group or group >= batch:
     return fn(*arrays)
-  whole = batch // group * group
-  grouped = lambda x: x[:whole].reshape(batch // group, group, *x.shape[1:])
-  outs = jax.lax.map(lambda xs: pack(fn(*xs)), tuple(grouped(x) for x in arrays))
+  count = batch // group
+  whole = count * group
+  groups = tuple(x[:whole].reshape(count, group, *x.shape[1:]) for x in arrays)
+  run = lambda xs: pack(fn(*xs))
+  if rows_used is None:
+    outs = jax.lax.map(run, groups)
+  else:
+    shapes = jax.eval_shape(run, tuple(x[0] for x in groups))
+    stacks = jax.tree.map(lambda y: jnp.zeros((count, *y.shape), y.dtype), shapes)
+    write = lambda i, stacks: jax.tree.map(
+        lambda stack, y: jax.lax.dynamic_update_index_in_dim(stack, y, i, 0), stacks,
+        run(tuple(x[i] for x in groups)))
+    turns = jnp.minimum(-(-rows_used // group), count)
+    outs = jax.lax.fori_loop(0, turns, write, stacks)
   outs = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), unpack(outs))
   if whole < batch:
     rest = fn(*(x[whole:] for x in arrays))
