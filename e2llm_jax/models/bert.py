@@ -183,10 +183,10 @@ def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask
            differentiated: bool = False) -> jax.Array:
   """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise), or `pool(hidden, mask)`
   of them. `grouped` (without dropout) runs many chunks in groups of ENCODE_GROUP_TOKENS on a CPU
-  and of ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere (when differentiating, pass
-  `groups_under_gradient()`), and applies `pool` to each group, so that only what it keeps of the
-  hidden states is gathered. Unless `differentiated`, the groups after the last chunk with a real
-  token are not run: their outputs are zeros."""
+  and of ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere, and applies `pool` to each group, so that only
+  what it keeps of the hidden states is gathered. When differentiating, pass
+  `grouped=groups_under_gradient()` and `differentiated=True`; otherwise the groups after the last
+  chunk with a real token are not run, and their outputs are zeros."""
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
   pool = pool or (lambda hidden, mask: hidden)
   encoded = lambda ids, mask: pool(
