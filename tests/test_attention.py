@@ -399,6 +399,7 @@ def test_encoder_skips_the_groups_after_the_last_real_chunk(monkeypatch):
   ids = jax.random.randint(jax.random.key(14), (11, 16), 1, 50)
   mask = jnp.ones_like(ids).at[:, 12:].set(0).at[4:].set(0)  # chunks 0-3 real, then padding
   monkeypatch.setattr(bert, "ENCODE_GROUP_TOKENS", 48)  # 11 chunks: 3 groups of 3, then 2
+  monkeypatch.setattr(bert, "groups_under_gradient", lambda: True)  # as on one CPU device
   ran, computed = bert.encode(cfg, params, ids, mask), bert.encode(cfg, params, ids, mask,
                                                                  differentiated=True)
   # Groups 0-1 hold real chunks and run; group 2 (chunks 6-8) comes after the last real chunk and

@@ -184,9 +184,10 @@ def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask
   """Last hidden states [B,T,D] (float32 unless cfg.dtype says otherwise), or `pool(hidden, mask)`
   of them. `grouped` (without dropout) runs many chunks in groups of ENCODE_GROUP_TOKENS on a CPU
   and of ACCELERATOR_ENCODE_GROUP_TOKENS elsewhere, and applies `pool` to each group, so that only
-  what it keeps of the hidden states is gathered. When differentiating, pass
-  `grouped=groups_under_gradient()` and `differentiated=True`; otherwise the groups after the last
-  chunk with a real token are not run, and their outputs are zeros."""
+  what it keeps of the hidden states is gathered. When differentiating, pass `differentiated=True`:
+  then chunks run in groups only where `groups_under_gradient()` says so, and every group runs;
+  otherwise the groups after the last chunk with a real token are not run (their outputs are
+  zeros)."""
   variables = {"params": params} if lora is None else {"params": params, "lora": lora}
   pool = pool or (lambda hidden, mask: hidden)
   encoded = lambda ids, mask: pool(
@@ -195,7 +196,7 @@ def encode(cfg: EncoderConfig, params: Any, input_ids: jax.Array, attention_mask
   on_cpu = jax.default_backend() == "cpu"
   tokens = ENCODE_GROUP_TOKENS if on_cpu else ACCELERATOR_ENCODE_GROUP_TOKENS
   group = max(tokens // max(length, 1), 1)
-  if not grouped or not deterministic:
+  if not grouped or not deterministic or (differentiated and not groups_under_gradient()):
     return encoded(input_ids, attention_mask)
   # The inference engine pads its calls to bucket sizes with whole chunks of padding, last: the
   # groups past the last real chunk are not run.

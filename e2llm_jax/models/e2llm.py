@@ -90,8 +90,8 @@ def soft_tokens(cfg: E2LLMConfig, frozen: Any, trainable: Any, chunk_ids: jax.Ar
                 chunk_token_mask: jax.Array, deterministic: bool = True, rng=None,
                 grouped: bool = True, differentiated: bool = False) -> jax.Array:
   """Chunk ids [B,N,T] → soft tokens [B,N·k,D_decoder]; every chunk is encoded in parallel
-  (in groups when `grouped`; the train step passes `bert.groups_under_gradient()`). See
-  `bert.encode` for `differentiated`."""
+  (in groups when `grouped`; see `bert.encode` for `differentiated`, which the train step
+  passes)."""
   batch, num_chunks, length = chunk_ids.shape
   flat_ids = chunk_ids.reshape(batch * num_chunks, length)
   flat_mask = chunk_token_mask.reshape(batch * num_chunks, length)
@@ -170,8 +170,7 @@ def target_logits(cfg: E2LLMConfig, frozen: Any, trainable: Any, batch: dict,
   enc_rng, dec_rng = (None, None) if rng is None else jax.random.split(rng)
   if soft is None:
     soft = soft_tokens(cfg, frozen, trainable, batch["chunk_ids"], batch["chunk_token_mask"],
-                       deterministic, enc_rng, grouped=bert.groups_under_gradient(),
-                       differentiated=True)
+                       deterministic, enc_rng, differentiated=True)
   embeds, mask = splice(cfg, frozen, soft, batch, soft_mask=soft_mask)
   decoder_lora = scaled_lora(trainable, "decoder_lora", cfg.decoder_lora)
   rngs = None if deterministic or dec_rng is None else {"dropout": dec_rng}
