@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from e2llm_jax.models import bert, layers, llama, lora, packing
 
@@ -97,6 +98,12 @@ def test_gated_activation_is_autodiffs(name, dtype):
 
 def _compiled_gradient_text(tower: str) -> str:
   """The optimized HLO of a bf16 scanned tower's LoRA gradients."""
+  _, trained, grad = _bf16_tower_gradient(tower)
+  return grad.lower(trained).compile().as_text()
+
+
+def _bf16_tower_gradient(tower: str):
+  """(bf16 params, LoRA tree, jitted gradient of a loss over the tower's output in the LoRA)."""
   if tower == "encoder":
     cfg = bert.EncoderConfig(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4,
                              intermediate_size=48, max_position_embeddings=16, dtype="bfloat16")
@@ -114,7 +121,7 @@ def _compiled_gradient_text(tower: str) -> str:
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   trained = lora.init(jax.random.key(1), params, lora.LoRAConfig(4, 8.0, targets))
   grad = jax.jit(jax.grad(lambda t: jnp.sum(forward(params, t).astype(jnp.float32) ** 2)))
-  return grad.lower(trained).compile().as_text()
+  return params, trained, grad
 
 
 def _widened_stack_writes(hlo: str) -> list[int]:
@@ -131,3 +138,44 @@ def test_bf16_scan_writes_its_activation_stacks_in_place(tower, monkeypatch):
   monkeypatch.setattr(packing, "pack", lambda tree: tree)
   monkeypatch.setattr(packing, "unpack", lambda tree: tree)
   assert max(_widened_stack_writes(_compiled_gradient_text(tower))) >= 2 * 12 * 32
+
+
+@pytest.mark.parametrize("tower", ["encoder", "decoder"])
+def test_bf16_scan_slices_its_kernel_stacks_without_widening_them(tower, monkeypatch):
+  """XLA:CPU slices a bf16 stack in a loop by widening all of it to float32 first; the layer scan
+  slices its frozen kernels as uint16 instead, with the same gradients."""
+  def widened_kernel_stacks(params, grad, trained):
+    flat = traverse_util.flatten_dict(params)
+    shapes = {leaf.shape for path, leaf in flat.items() if path[-1] == "kernel" and leaf.ndim == 3}
+    hlo = grad.lower(trained).compile().as_text()
+    return [shape for shape in shapes if f"f32[{','.join(map(str, shape))}]" in hlo]
+
+  params, trained, grad = _bf16_tower_gradient(tower)
+  assert widened_kernel_stacks(params, grad, trained) == []
+  packed_grads = grad(trained)
+  # The check can fail: with the kernels sliced as they are stored, the program widens them.
+  monkeypatch.setattr(layers, "_packed_kernels", lambda tree: tree)
+  params, trained, grad = _bf16_tower_gradient(tower)
+  assert widened_kernel_stacks(params, grad, trained)
+  for got, want in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(grad(trained))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_bf16_tied_head_gives_float32_logits_of_bf16_dots():
+  """The tied output head multiplies the bf16 hidden states by the bf16 table into float32 logits
+  (not rounded to bf16), and its backward's dots are bf16 too (a float32 dot over the vocabulary
+  took 2-4x as long and a float32 copy of the table, bench/RESULTS.md)."""
+  cfg = llama.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                            num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16",
+                            tie_word_embeddings=True)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), llama.init_params(cfg, jax.random.key(0)))
+  ids = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
+  hidden = llama.decoder_forward(cfg, params, input_ids=ids, return_hidden=True)
+  logits = llama.logits_from_hidden(cfg, params, hidden)
+  assert hidden.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  table = params["embed_tokens"]["embedding"]
+  want = hidden.astype(jnp.float32) @ table.astype(jnp.float32).T
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
+  trained = lora.init(jax.random.key(1), params, lora.LoRAConfig(4, 8.0, "q_proj|v_proj"))
+  loss = lambda t: jnp.sum(llama.decoder_logits(cfg, params, ids, lora=t) ** 2)
+  assert _dots(jax.make_jaxpr(jax.grad(loss))(trained).jaxpr) == {("bfloat16", "bfloat16")}

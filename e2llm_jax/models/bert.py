@@ -91,7 +91,8 @@ class Encoder(nn.Module):
     layer_cls = layers.layer_class(EncoderLayer, cfg.remat_policy if cfg.remat else None,
                                    static_argnums=(3,), scanned=cfg.scan_layers)
     if cfg.scan_layers:
-      scanned = layers.scanned(layer_cls, cfg.num_layers, (nn.broadcast, nn.broadcast))
+      scanned = layers.scanned(layer_cls, cfg.num_layers, (nn.broadcast, nn.broadcast),
+                                self.is_initializing())
       x, _ = scanned(cfg, name=stacking.ENCODER_LAYERS)(x, mask, deterministic)
     else:
       for i in range(cfg.num_layers):

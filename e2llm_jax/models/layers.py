@@ -4,11 +4,14 @@ how a tower repeats its layer (scanned over stacked params or unrolled, remateri
 Every kernel is created with logical axis names so the sharding rules in the config place it.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from e2llm_jax.models import attention as attention_lib
 from e2llm_jax.models import packing
@@ -104,21 +107,24 @@ def gated_activation(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   return _GATED.get(act, lambda gate, up: act(gate) * up)
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """`x @ w`, w cast to x's dtype, accumulated in float32 and returned in x's dtype, as HF does.
+def matmul(x: jax.Array, w: jax.Array | packing.Packed, out_dtype=None) -> jax.Array:
+  """`x @ w`, w cast to x's dtype, accumulated in float32 and returned in x's dtype (as HF does)
+  or in `out_dtype`. A packed `w` is a frozen kernel sliced from a layer stack (`scanned`): it
+  gets no gradient.
 
   On CPU a bfloat16 dot is asked for a float32 result, then rounded: XLA:CPU runs bf16 x bf16 ->
   f32 dots 2-4x faster than bf16 -> bf16 ones, through AMX or AVX512-BF16 (bench/RESULTS.md).
   GPUs and TPUs accumulate in float32 anyway, and there a float32 result only doubles the bytes
   written and read again: plain bf16 dots ran GTE-large 9% faster on an H200.
   """
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
   if x.dtype == jnp.float32 or jax.default_backend() != "cpu":
-    return x @ w.astype(x.dtype)
-  return _cpu_low_precision_matmul(x, w)
+    return jnp.matmul(x, packing.unpack(w).astype(x.dtype), preferred_element_type=out_dtype)
+  return _cpu_low_precision_matmul(x, w, out_dtype)
 
 
-@jax.custom_vjp
-def _cpu_low_precision_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_low_precision_matmul(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
   """A CPU bf16 matmul whose backward dots are bf16 x bf16 -> f32 as well: autodiff's own
   transposes multiply the float32 cotangent by a bf16 operand, which XLA:CPU widens to a float32
   dot.
@@ -127,18 +133,22 @@ def _cpu_low_precision_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   gave it, before the cast: a layer's slice of a stacked parameter, which the scan then passes to
   the backward instead of stacking a copy of every weight (4% of the bf16 train step).
   """
-  return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.matmul(x, packing.unpack(w).astype(x.dtype),
+                    preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _cpu_matmul_forward(x, w):
-  return _cpu_low_precision_matmul(x, w), (packing.pack(x), w)
+def _cpu_matmul_forward(x, w, out_dtype):
+  return _cpu_low_precision_matmul(x, w, out_dtype), (packing.pack(x), w)
 
 
-def _cpu_matmul_backward(residuals, d_y):
+def _cpu_matmul_backward(out_dtype, residuals, d_y):
   packed_x, w = residuals
   x = packing.unpack(packed_x)
+  d_y = d_y.astype(x.dtype)
+  d_x = jnp.matmul(d_y, packing.unpack(w).astype(x.dtype).T, preferred_element_type=jnp.float32)
+  if isinstance(w, packing.Packed):
+    return d_x.astype(x.dtype), packing.Packed(np.zeros(w.bits.shape, jax.dtypes.float0), w.dtype)
   batch_axes = tuple(range(x.ndim - 1))
-  d_x = jnp.matmul(d_y, w.astype(x.dtype).T, preferred_element_type=jnp.float32)
   d_w = jax.lax.dot_general(x, d_y, ((batch_axes, batch_axes), ((), ())),
                             preferred_element_type=jnp.float32)
   return d_x.astype(x.dtype), d_w.astype(w.dtype)
@@ -229,8 +239,8 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    """Logits against the table (tied output head)."""
-    return x @ self.embedding.astype(x.dtype).T
+    """Float32 logits against the table (tied output head)."""
+    return matmul(x, self.embedding.T, jnp.float32)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str = "auto",
@@ -251,11 +261,26 @@ def layer_class(layer_cls: type[nn.Module], remat_policy: str | None, static_arg
                   policy=getattr(jax.checkpoint_policies, remat_policy))
 
 
-def scanned(layer_cls: type[nn.Module], num_layers: int, in_axes: tuple) -> type[nn.Module]:
+def scanned(layer_cls: type[nn.Module], num_layers: int, in_axes: tuple,
+            initializing: bool = False) -> type[nn.Module]:
   """One module applying `layer_cls` `num_layers` times under `lax.scan`: its params (and LoRA)
   stacked on a leading `layers` logical axis, so the step compiles one layer whatever the depth.
   The layer maps (carry, *args) → (carry, per-layer output); `in_axes` says which args are per layer
-  (0) and which every layer shares (`nn.broadcast`)."""
-  return nn.scan(layer_cls, variable_axes={"params": 0, LORA_COLLECTION: 0},
+  (0) and which every layer shares (`nn.broadcast`). Pass the caller's `is_initializing()`: its
+  frozen kernels are read packed (`packing`) except while they are being created."""
+  scan = nn.scan(layer_cls, variable_axes={"params": 0, LORA_COLLECTION: 0},
                  split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=num_layers,
                  metadata_params={nn.PARTITION_NAME: "layers"})
+  if initializing:
+    return scan
+  # XLA:CPU slices a 16-bit float stack by widening all of it to float32 before the loop and each
+  # slice back inside it; the same bits as uint16 are sliced as they are (one copy of the stack a
+  # call), and `matmul` keeps the packed slice for its backward (bench/RESULTS.md, 2026-12-07).
+  return nn.map_variables(scan, "params", trans_in_fn=_packed_kernels)
+
+
+def _packed_kernels(params: Any) -> Any:
+  """`params` with each 16-bit float kernel packed (`packing.pack`); the rest as it is."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {path: packing.pack(leaf) if path[-1] == "kernel" else leaf for path, leaf in flat.items()})

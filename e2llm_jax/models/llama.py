@@ -199,7 +199,8 @@ class Decoder(nn.Module):
       # (x | cos, sin, mask, this layer's kv cache, cache_index, deterministic)
       shared = nn.broadcast
       self.layers = layers.scanned(layer_cls, cfg.num_layers,
-                                   (shared, shared, shared, 0, shared, shared))(cfg)
+                                   (shared, shared, shared, 0, shared, shared),
+                                   self.is_initializing())(cfg)
     else:
       self.layers = [layer_cls(cfg, name=f"{stacking.DECODER_LAYERS}_{i}")
                      for i in range(cfg.num_layers)]
@@ -236,7 +237,7 @@ class Decoder(nn.Module):
   def head(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
     """Float32 logits from final (normed) hidden states."""
     if self.cfg.tie_word_embeddings:
-      return self.embed_tokens.attend(hidden.astype(jnp.float32))
+      return self.embed_tokens.attend(hidden)
     return self.lm_head(hidden, deterministic).astype(jnp.float32)
 
 

@@ -1,6 +1,7 @@
 """16-bit floats carried as uint16 through the places where XLA:CPU would widen them to float32:
-values saved for a backward pass, and the per-iteration outputs a scan or map stacks (`over_groups`,
-the group loop, and `one_cpu_device`, where a group loop under a gradient pays).
+values saved for a backward pass, the per-iteration outputs a scan or map stacks, and the frozen
+kernels a layer scan slices (`over_groups`, the group loop, and `one_cpu_device`, where a group loop
+under a gradient pays).
 
 XLA:CPU has no bfloat16 dynamic-update-slice: a scan that writes one layer's bf16 slice into its
 stack converts the whole stack to float32 and back, every iteration (the train step's residual
