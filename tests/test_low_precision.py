@@ -1,5 +1,5 @@
-"""bfloat16 on the CPU: residuals packed as uint16, the matmul's bf16 backward, the gated
-activation.
+"""bfloat16 on the CPU: residuals and layer-scan kernels packed as uint16, the matmul's bf16
+backward, the gated activation, the tied head.
 
 Each speed property is checked in the program XLA compiles, against the program without it.
 """
@@ -163,8 +163,8 @@ def test_bf16_scan_slices_its_kernel_stacks_without_widening_them(tower, monkeyp
 
 def test_bf16_tied_head_gives_float32_logits_of_bf16_dots():
   """The tied output head multiplies the bf16 hidden states by the bf16 table into float32 logits
-  (not rounded to bf16), and its backward's dots are bf16 too (a float32 dot over the vocabulary
-  took 2-4x as long and a float32 copy of the table, bench/RESULTS.md)."""
+  (not rounded to bf16), and its backward's dots are bf16 too, where it made a float32 copy of the
+  whole table for a float32 dot over the vocabulary (bench/RESULTS.md, 2026-12-07)."""
   cfg = llama.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                             num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16",
                             tie_word_embeddings=True)
