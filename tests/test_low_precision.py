@@ -179,3 +179,24 @@ def test_bf16_tied_head_gives_float32_logits_of_bf16_dots():
   trained = lora.init(jax.random.key(1), params, lora.LoRAConfig(4, 8.0, "q_proj|v_proj"))
   loss = lambda t: jnp.sum(llama.decoder_logits(cfg, params, ids, lora=t) ** 2)
   assert _dots(jax.make_jaxpr(jax.grad(loss))(trained).jaxpr) == {("bfloat16", "bfloat16")}
+
+
+def test_bf16_decoding_reads_packed_kernels_with_the_same_logits(monkeypatch):
+  """Prefill and a token step through the KV cache (the engine's path) give the same bf16 logits
+  with the scan's kernels packed as without."""
+  cfg = llama.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+                            num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), llama.init_params(cfg, jax.random.key(0)))
+  prompt = jnp.arange(1, 11, dtype=jnp.int32).reshape(1, 10)
+
+  def prefill_then_step():
+    step = jax.jit(lambda cache, ids: llama.decoder_step(cfg, params, cache, input_ids=ids))
+    first, cache = step(llama.init_cache(cfg, 1, 16), prompt)
+    second, _ = step(cache, jnp.argmax(first[:, -1:], axis=-1).astype(jnp.int32))
+    return first, second
+
+  packed = prefill_then_step()
+  monkeypatch.setattr(layers, "_packed_kernels", lambda tree: tree)
+  for got, want in zip(packed, prefill_then_step()):
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
