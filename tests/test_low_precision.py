@@ -102,23 +102,32 @@ def _compiled_gradient_text(tower: str) -> str:
   return grad.lower(trained).compile().as_text()
 
 
+def _bf16(params):
+  return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+
+
+def _bf16_decoder(**overrides):
+  """(config, bf16 params) of a tiny scanned decoder computing in bf16."""
+  cfg = llama.DecoderConfig(**{**dict(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                                      dtype="bfloat16"), **overrides})
+  return cfg, _bf16(llama.init_params(cfg, jax.random.key(0)))
+
+
 def _bf16_tower_gradient(tower: str):
   """(bf16 params, LoRA tree, jitted gradient of a loss over the tower's output in the LoRA)."""
   if tower == "encoder":
     cfg = bert.EncoderConfig(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4,
                              intermediate_size=48, max_position_embeddings=16, dtype="bfloat16")
-    params = bert.init_params(cfg, jax.random.key(0))
+    params = _bf16(bert.init_params(cfg, jax.random.key(0)))
     ids = jnp.ones((2, 16), jnp.int32)
     forward = lambda p, t: bert.encode(cfg, p, ids, ids, lora=t)
     targets = "query|value|intermediate"
   else:
-    cfg = llama.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
-                              num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
-    params = llama.init_params(cfg, jax.random.key(0))
+    cfg, params = _bf16_decoder()
     ids = jnp.ones((2, 12), jnp.int32)
     forward = lambda p, t: llama.decoder_logits(cfg, p, ids, lora=t)
     targets = "q_proj|v_proj|down_proj"
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   trained = lora.init(jax.random.key(1), params, lora.LoRAConfig(4, 8.0, targets))
   grad = jax.jit(jax.grad(lambda t: jnp.sum(forward(params, t).astype(jnp.float32) ** 2)))
   return params, trained, grad
@@ -165,10 +174,7 @@ def test_bf16_tied_head_gives_float32_logits_of_bf16_dots():
   """The tied output head multiplies the bf16 hidden states by the bf16 table into float32 logits
   (not rounded to bf16), and its backward's dots are bf16 too, where it made a float32 copy of the
   whole table for a float32 dot over the vocabulary (bench/RESULTS.md, 2026-12-07)."""
-  cfg = llama.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                            num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16",
-                            tie_word_embeddings=True)
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), llama.init_params(cfg, jax.random.key(0)))
+  cfg, params = _bf16_decoder(num_layers=2, tie_word_embeddings=True)
   ids = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
   hidden = llama.decoder_forward(cfg, params, input_ids=ids, return_hidden=True)
   logits = llama.logits_from_hidden(cfg, params, hidden)
@@ -184,9 +190,7 @@ def test_bf16_tied_head_gives_float32_logits_of_bf16_dots():
 def test_bf16_decoding_reads_packed_kernels_with_the_same_logits(monkeypatch):
   """Prefill and a token step through the KV cache (the engine's path) give the same bf16 logits
   with the scan's kernels packed as without."""
-  cfg = llama.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
-                            num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), llama.init_params(cfg, jax.random.key(0)))
+  cfg, params = _bf16_decoder()
   prompt = jnp.arange(1, 11, dtype=jnp.int32).reshape(1, 10)
 
   def prefill_then_step():
