@@ -209,6 +209,33 @@ def test_lora_merged_for_inference_serves_the_same_model(engine):
   assert "encoder_lora" not in half_served
 
 
+def test_bfloat16_engine_holds_its_kernels_packed_and_answers_as_unpacked(engine, monkeypatch):
+  """A CPU engine over bfloat16 towers packs their layer-stack kernels once (`frozen_at_rest`),
+  rather than in every jitted call, and answers token for token as without."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from e2llm_jax.models import layers, packing  # pylint: disable=g-import-not-at-top
+  model = dataclasses.replace(
+      engine.model, encoder=dataclasses.replace(engine.model.encoder, dtype="bfloat16"),
+      decoder=dataclasses.replace(engine.model.decoder, dtype="bfloat16"))
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), engine.frozen)
+  half_engine = lambda: E2LLM.from_state(engine.config, model, half, engine.trainable,
+                                         engine.encoder_tokenizer, engine.decoder_tokenizer)
+  packed = half_engine()
+  is_packed = lambda x: isinstance(x, packing.Packed)
+  stacks = [packed.frozen["encoder"]["layer"], packed.frozen["decoder"]["layers"]]
+  kernels = [leaf for stack in stacks for leaf in jax.tree.leaves(stack, is_leaf=is_packed)
+             if is_packed(leaf)]
+  assert len(kernels) == 6 + 7 and all(k.bits.dtype == jnp.uint16 for k in kernels)
+  questions = ["Where was box 28 sent?", "Which colour was box 9?"]
+  contexts = [document(8), document(14, salt=2)]
+  answers = packed.generate_batch(questions, packed.compress(contexts), max_new_tokens=6)
+  monkeypatch.setattr(layers, "kernels_at_rest", lambda params: params)
+  unpacked = half_engine()
+  assert not any(map(is_packed, jax.tree.leaves(unpacked.frozen, is_leaf=is_packed)))
+  assert answers == unpacked.generate_batch(questions, unpacked.compress(contexts),
+                                            max_new_tokens=6)
+
+
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(engine):
   questions = ["Where?", "Which box was sent to Oslo on the third day of the month?",
                "Name the colour of box 14."]

@@ -4,6 +4,7 @@ backward, the gated activation, the tied head.
 Each speed property is checked in the program XLA compiles, against the program without it.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -204,3 +205,34 @@ def test_bf16_decoding_reads_packed_kernels_with_the_same_logits(monkeypatch):
   for got, want in zip(packed, prefill_then_step()):
     assert got.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _whole_stack_packings(hlo: str, num_layers: int) -> int:
+  """How many [layers, ...] bf16 kernel stacks the program copies into uint16."""
+  return len(re.findall(rf"\(\S+: bf16\[{num_layers},\d+,\d+\]\) -> u16\[{num_layers},", hlo))
+
+
+def test_kernels_held_at_rest_are_not_packed_again_by_every_call():
+  """`kernels_at_rest` packs a bf16 tower's layer-stack kernels once, so a jitted step that takes
+  them copies no stack, with the same logits; float32 towers come back as they are."""
+  cfg, params = _bf16_decoder()
+  at_rest = layers.kernels_at_rest(params)
+  flat = traverse_util.flatten_dict(at_rest)
+  assert {path[-2] for path, leaf in flat.items() if isinstance(leaf, packing.Packed)} == {
+      "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+  assert all(leaf.bits.dtype == jnp.uint16 for leaf in flat.values()
+             if isinstance(leaf, packing.Packed))
+  assert at_rest["embed_tokens"] is params["embed_tokens"]
+  assert layers.kernels_at_rest(at_rest)["layers"]["mlp"]["up_proj"]["kernel"].bits is (
+      at_rest["layers"]["mlp"]["up_proj"]["kernel"].bits)
+  prompt = jnp.arange(1, 11, dtype=jnp.int32).reshape(1, 10)
+  step = jax.jit(lambda p, cache, ids: llama.decoder_step(cfg, p, cache, input_ids=ids)[0])
+  cache = llama.init_cache(cfg, 1, 16)
+  assert _whole_stack_packings(step.lower(at_rest, cache, prompt).compile().as_text(), 3) == 0
+  # The check can fail: given the bf16 stacks, the same step packs all seven of them each call.
+  assert _whole_stack_packings(step.lower(params, cache, prompt).compile().as_text(), 3) == 7
+  np.testing.assert_array_equal(np.asarray(step(at_rest, cache, prompt)),
+                                np.asarray(step(params, cache, prompt)))
+  f32_params = llama.init_params(dataclasses.replace(cfg, dtype="float32"), jax.random.key(0))
+  assert all(a is b for a, b in zip(jax.tree.leaves(layers.kernels_at_rest(f32_params)),
+                                    jax.tree.leaves(f32_params)))

@@ -214,27 +214,32 @@ def test_bfloat16_run_stores_frozen_matmul_weights_in_bfloat16_with_the_same_los
 
 
 def test_bfloat16_step_on_the_cpu_packs_its_residuals_without_changing_the_step(monkeypatch):
-  """One bf16 train step as it runs (residuals carried as uint16, models/packing.py) and with
-  packing turned off: the same loss, metrics and updated params."""
+  """One bf16 train step as it runs (residuals carried as uint16, models/packing.py, and frozen
+  kernels held packed, `e2llm.frozen_at_rest`, as the loop passes them), with the kernels packed
+  by the step itself, and with packing turned off: the same loss, metrics and updated params."""
   from e2llm_jax.models import packing
   config = tiny_config(**{"model.compute_dtype": "bfloat16", "mesh.shape": (1, 1, 1)})
   mesh = sharding.make_mesh((1, 1, 1), config.mesh.axes)
   setup = state_lib.create_train_state(config, mesh)
   batch = batch_for(config, setup, 0)
 
-  def one_step():
+  def one_step(frozen):
     state = jax.tree.map(jax.numpy.copy, setup.state)  # the step donates it
-    return step_lib.make_train_step(config, setup, batch)(state, setup.frozen, batch)
+    return step_lib.make_train_step(config, setup, batch)(state, frozen, batch)
 
-  packed_state, packed_metrics = one_step()
+  at_rest = e2llm.frozen_at_rest(setup.frozen)
+  assert isinstance(at_rest["decoder"]["layers"]["mlp"]["up_proj"]["kernel"], packing.Packed)
+  runs = [one_step(at_rest), one_step(setup.frozen)]
   monkeypatch.setattr(packing, "pack", lambda tree: tree)
   monkeypatch.setattr(packing, "unpack", lambda tree: tree)
-  state, metrics = one_step()
-  assert np.isfinite(float(packed_metrics["loss"]))
-  for got, want in zip(jax.tree.leaves((packed_state, packed_metrics)),
-                       jax.tree.leaves((state, metrics))):
-    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
-                               rtol=1e-5, atol=1e-7)
+  state, metrics = one_step(setup.frozen)
+  for packed_state, packed_metrics in runs:
+    assert np.isfinite(float(packed_metrics["loss"]))
+    for got, want in zip(jax.tree.leaves((packed_state, packed_metrics)),
+                         jax.tree.leaves((state, metrics))):
+      np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                                 rtol=1e-5, atol=1e-7)
+  jax.tree.map(np.testing.assert_array_equal, *runs)  # at rest or packed per step: the same bits
 
 
 def test_step_encoding_in_groups_on_one_cpu_device_is_the_same_step(monkeypatch):

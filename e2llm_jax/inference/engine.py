@@ -55,6 +55,7 @@ class E2LLM:
   Text methods (`compress`, `generate*`, `chunk`, `embed_texts`) need both tokenizers; runs on
   random towers without tokenizers (the passkey task) use `generate_arrays`. `last_timings` holds
   the seconds of the latest call's stages (`compress_s`, `prefill_s`, `decode_s`) and `new_tokens`.
+  `frozen` holds the towers as the jitted calls take them (`e2llm.frozen_at_rest`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model: e2llm.E2LLMConfig, frozen: Any,
@@ -62,7 +63,8 @@ class E2LLM:
                mesh: jax.sharding.Mesh | None = None, step: int | None = None):
     self.config = config
     self.model = model
-    self.frozen = frozen
+    # Taken by every jitted call as it is: a CPU's bf16 kernels packed once here, not per call.
+    self.frozen = e2llm.frozen_at_rest(frozen)
     self.trainable = trainable  # the setter, which also drops params merged from an older tree
     self.step = step
     if mesh is None:

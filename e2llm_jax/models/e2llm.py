@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from e2llm_jax.data.tasks import TASK_INSTRUCTION as TASK_IFT, TASK_RECONSTRUCTION as TASK_RECON
-from e2llm_jax.models import bert, llama, lora
+from e2llm_jax.models import bert, layers, llama, lora
 from e2llm_jax.models.adapter import Adapter
 
 BATCH_KEYS = ("chunk_ids", "chunk_token_mask", "chunk_mask", "prefix_ids", "prefix_mask",
@@ -84,6 +84,12 @@ def merge_lora(cfg: E2LLMConfig, frozen: Any, trainable: Any) -> tuple[dict, dic
       continue
     frozen[tower] = lora.merge(frozen[tower], trainable.pop(name), config.scale)
   return frozen, trainable
+
+
+def frozen_at_rest(frozen: dict) -> dict:
+  """Both towers with the 16-bit kernels of their layer stacks held packed
+  (`layers.kernels_at_rest`): the form for jitted calls on a CPU to take, made once."""
+  return {tower: layers.kernels_at_rest(params) for tower, params in frozen.items()}
 
 
 def soft_tokens(cfg: E2LLMConfig, frozen: Any, trainable: Any, chunk_ids: jax.Array,

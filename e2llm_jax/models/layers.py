@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from e2llm_jax.models import attention as attention_lib
-from e2llm_jax.models import packing
+from e2llm_jax.models import packing, stacking
 
 Dtype = Any
 LORA_COLLECTION = "lora"
@@ -274,8 +274,9 @@ def scanned(layer_cls: type[nn.Module], num_layers: int, in_axes: tuple,
   if initializing:
     return scan
   # XLA:CPU slices a 16-bit float stack by widening all of it to float32 before the loop and each
-  # slice back inside it; the same bits as uint16 are sliced as they are (one copy of the stack a
-  # call), and `matmul` keeps the packed slice for its backward (bench/RESULTS.md, 2026-12-07).
+  # slice back inside it; the same bits as uint16 are sliced as they are, and `matmul` keeps the
+  # packed slice for its backward (bench/RESULTS.md, 2026-12-07). Packing here copies every stack
+  # on every call; `kernels_at_rest` does it once, and then this finds them packed already.
   return nn.map_variables(scan, "params", trans_in_fn=_packed_kernels)
 
 
@@ -284,3 +285,13 @@ def _packed_kernels(params: Any) -> Any:
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict(
       {path: packing.pack(leaf) if path[-1] == "kernel" else leaf for path, leaf in flat.items()})
+
+
+def kernels_at_rest(params: Any) -> Any:
+  """A tower's params with the 16-bit kernels of its layer stack held packed, as `scanned` reads
+  them, so that jitted calls taking them no longer copy every stack on every call (bf16 SmolLM2
+  decoding: 0.52x the time a token, bench/RESULTS.md, 2026-12-08). A new tree: the caller drops
+  the old one, or holds both. The same arrays for float32, off the CPU and for unrolled layers."""
+  stacks = {name: _packed_kernels(params[name])
+            for name in (stacking.ENCODER_LAYERS, stacking.DECODER_LAYERS) if name in params}
+  return {**params, **stacks} if stacks else params

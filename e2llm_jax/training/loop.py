@@ -244,7 +244,9 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
   batch_shardings = step_lib.batch_shardings_for(config, mesh, first_batch)
   config_json = config_utils.to_json_dict(config)
   meta = _base_meta(setup)
-  random_frozen = _random_frozen(setup)
+  random_frozen = _random_frozen(setup)  # saved with each checkpoint as they are
+  # Every step takes the frozen towers: a CPU's bf16 kernels packed once here, not per step.
+  setup.frozen = e2llm.frozen_at_rest(setup.frozen)
   evaluate = held_out.HeldOutEvaluator(config, setup.model, setup.frozen, mesh, data)
   writer = reporting.MetricsWriter(workdir, total, start_step=start)
   writer.write_config(config)
