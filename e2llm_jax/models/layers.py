@@ -290,8 +290,9 @@ def _packed_kernels(params: Any) -> Any:
 def kernels_at_rest(params: Any) -> Any:
   """A tower's params with the 16-bit kernels of its layer stack held packed, as `scanned` reads
   them, so that jitted calls taking them no longer copy every stack on every call (bf16 SmolLM2
-  decoding: 0.52x the time a token, bench/RESULTS.md, 2026-12-08). A new tree: the caller drops
-  the old one, or holds both. The same arrays for float32, off the CPU and for unrolled layers."""
+  decoding took 0.52x the time a token, 0.73x with huge pages; bench/RESULTS.md, 2026-12-08). A
+  new tree: the caller drops the old one, or holds both. The same arrays for float32, off the CPU
+  and for unrolled layers."""
   stacks = {name: _packed_kernels(params[name])
             for name in (stacking.ENCODER_LAYERS, stacking.DECODER_LAYERS) if name in params}
   return {**params, **stacks} if stacks else params
