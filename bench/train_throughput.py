@@ -76,6 +76,7 @@ def jax_setup(s: dict, dtype: str, scan_layers: bool = True, decoder_path: str |
   """(config, train setup, mesh) of our side: real towers (the decoder from `decoder_path`, else
   its GGUF), one-device mesh."""
   from e2llm_jax import assets, config_utils, sharding
+  from e2llm_jax.models import e2llm
   from e2llm_jax.training import state as state_lib
   config = config_utils.base_config()
   config.model.encoder.path = str(assets.minilm_dir())
@@ -88,7 +89,9 @@ def jax_setup(s: dict, dtype: str, scan_layers: bool = True, decoder_path: str |
   config.mesh.shape = (1, 1, 1)
   config.model.scan_layers = scan_layers
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  return config, state_lib.create_train_state(config, mesh), mesh
+  setup = state_lib.create_train_state(config, mesh)
+  setup.frozen = e2llm.frozen_at_rest(setup.frozen)  # as the training loop passes them
+  return config, setup, mesh
 
 
 def compile_train_step(config, setup, mesh, batch: dict):
