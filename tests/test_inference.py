@@ -3,6 +3,7 @@
 Also: bucketed calls compile once, a workdir restores and answers, and the answer CLI prints its three parts.
 """
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -21,7 +22,7 @@ from e2llm_jax import assets, checkpoint, errors, hf
 from e2llm_jax.data import chunking, pipeline
 from e2llm_jax.inference import E2LLM, SoftContext, decoding
 from e2llm_jax.inference import engine as engine_lib
-from e2llm_jax.models import bert, e2llm, llama
+from e2llm_jax.models import bert, e2llm, layers, llama, packing
 from e2llm_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -212,8 +213,6 @@ def test_lora_merged_for_inference_serves_the_same_model(engine):
 def test_bfloat16_engine_holds_its_kernels_packed_and_answers_as_unpacked(engine, monkeypatch):
   """A CPU engine over bfloat16 towers packs their layer-stack kernels once (`frozen_at_rest`),
   rather than in every jitted call, and answers token for token as without."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from e2llm_jax.models import layers, packing  # pylint: disable=g-import-not-at-top
   model = dataclasses.replace(
       engine.model, encoder=dataclasses.replace(engine.model.encoder, dtype="bfloat16"),
       decoder=dataclasses.replace(engine.model.decoder, dtype="bfloat16"))
