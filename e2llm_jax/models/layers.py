@@ -293,6 +293,5 @@ def kernels_at_rest(params: Any) -> Any:
   decoding took 0.52x the time a token, 0.73x with huge pages; bench/RESULTS.md, 2026-12-08). A
   new tree: the caller drops the old one, or holds both. The same arrays for float32, off the CPU
   and for unrolled layers."""
-  stacks = {name: _packed_kernels(params[name])
-            for name in (stacking.ENCODER_LAYERS, stacking.DECODER_LAYERS) if name in params}
-  return {**params, **stacks} if stacks else params
+  name = stacking.stack_name(params)
+  return params if name is None else {**params, name: _packed_kernels(params[name])}

@@ -16,14 +16,16 @@ DECODER_LAYERS = "layers"
 _STACKS = (ENCODER_LAYERS, DECODER_LAYERS)
 
 
-def _stack_name(tree: Any) -> str | None:
+def stack_name(tree: Any) -> str | None:
+  """The name of the layer stack in a tower's tree (`ENCODER_LAYERS` or `DECODER_LAYERS`), or None
+  where its layers are unrolled or it has none."""
   return next((name for name in _STACKS if name in tree), None)
 
 
 def per_layer(tree: Any) -> Any:
   """`{name: {...[L, ...]}}` → `{name_0: {...}, ..., name_{L-1}: {...}}` (views, no copies); a tree
   already per layer (or with no layers, as a LoRA tree on the head alone) comes back as it is."""
-  name = _stack_name(tree)
+  name = stack_name(tree)
   if name is None:
     return tree
   out = {key: value for key, value in tree.items() if key != name}
